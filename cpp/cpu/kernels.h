@@ -1,0 +1,513 @@
+// CPU kernels, compiled once per instruction set: isa_<name>.cpp defines SEFT_ISA (the
+// namespace) and includes this file with its own -m flags.
+//
+// Every kernel works on token blocks of TB tokens. A block of a dense (T, n) operand is
+// packed transposed into an (n, TB) buffer of the accumulation type A (fp32, or fp64 for
+// fp64 inputs), zero padded, so that each non-zero touches TB contiguous values: the inner
+// loops are plain, fixed-length loops over tokens that the compiler vectorises. Values and
+// indices are read in their storage types (bf16 / fp16 / int16) and widened on the fly.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/isa.h"
+
+namespace seft::cpu::SEFT_ISA {
+namespace {
+
+template <typename V> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// 32-byte vectors (one AVX register; two SSE registers on the base ISA). GCC vector types
+// keep the per-token accumulators in registers, where plain arrays would spill to the stack.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { using type = v8f; static constexpr int W = 8; };
+template <> struct VecOf<double> { using type = v4d; static constexpr int W = 4; };
+
+inline float hsum(v8f v) {  // fixed-order tree sum of the 8 lanes
+  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+inline double hsum(v4d v) {
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
+  return v[0];
+}
+
+constexpr int64_t kMaxTB = 64;
+
+// Token-block width for T tokens: the smallest of 1, 8, 16, 32, 64 that covers T (capped).
+inline int64_t token_block(int64_t T) {
+  if (T <= 1) return 1;
+  if (T <= 8) return 8;
+  if (T <= 16) return 16;
+  if (T <= 32) return 32;
+  return kMaxTB;
+}
+
+template <typename F>
+void with_tb(int64_t tb, F&& f) {
+  switch (tb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: f(std::integral_constant<int, 64>{}); break;
+  }
+}
+
+// dst[j * TB + i] = src[(t0 + i) * n + j] for i < nt, 0 for nt <= i < TB.
+template <typename A, typename V>
+void pack_t(const V* src, int64_t n, int64_t t0, int64_t nt, int64_t TB, A* dst) {
+  at::parallel_for(0, n, 512, [&](int64_t j0, int64_t j1) {
+    for (int64_t i = 0; i < TB; ++i) {
+      if (i < nt) {
+        const V* s = src + (t0 + i) * n;
+        for (int64_t j = j0; j < j1; ++j) dst[j * TB + i] = static_cast<A>(s[j]);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) dst[j * TB + i] = A(0);
+      }
+    }
+  });
+}
+
+// Row ranges of roughly equal non-zero counts (plus a per-row cost), so threads balance.
+inline std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t out, int64_t parts) {
+  std::vector<int64_t> b(parts + 1, out);
+  b[0] = 0;
+  const double total = double(crow[out]) + double(out) * 4;
+  int64_t o = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const double target = total * double(k) / double(parts);
+    while (o < out && double(crow[o]) + double(o) * 4 < target) ++o;
+    b[k] = o;
+  }
+  return b;
+}
+
+inline int64_t num_parts(int64_t out) {
+  return std::max<int64_t>(1, std::min<int64_t>(out, 4 * at::get_num_threads()));
+}
+
+// Column panels: a panel of the packed operand (CP columns x TB tokens) stays in L1 while a
+// group of kRowGroup rows walks its non-zeros in [j0, j1) with per-row cursors; partial
+// sums of rows spanning several panels wait in a small buffer.
+constexpr int64_t kPanelBytes = 32 * 1024;
+constexpr int64_t kRowGroup = 32;
+
+template <typename A>
+inline int64_t panel_width(int64_t TB, int64_t in) {
+  const int64_t cp = std::max<int64_t>(64, kPanelBytes / (TB * int64_t(sizeof(A))));
+  return std::min(cp, std::max<int64_t>(in, 1));
+}
+
+// ---------------------------------------------------------------- csr_spmm: Y = X W^T + b
+// Each output row keeps TB token accumulators in registers; every non-zero adds
+// w * XT[col] (TB contiguous values). With few tokens, N non-zeros are kept in flight in
+// separate partial sums so that the FMA units stay busy.
+// With `check` (the first token block), the walk also validates the columns (sorted, unique,
+// in range): a row that fails is reported through `bad` and only its valid prefix is read,
+// so no index outside [0, in) is ever dereferenced.
+inline void note_bad(std::atomic<int64_t>& bad, int64_t o) {
+  int64_t cur = bad.load();
+  while (o < cur && !bad.compare_exchange_weak(cur, o)) {}
+}
+
+template <typename A, typename V, typename I, int TB>
+void spmm_rows(const int32_t* crow, const I* col, const V* val, const A* xt, const V* bias, int64_t in,
+               int64_t r0, int64_t r1, int64_t nt, V* y, int64_t ldy, bool check, std::atomic<int64_t>& bad) {
+  using Vec = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  if constexpr (TB < W) {  // a single token: a gather-dot per row
+    static_assert(TB == 1, "token blocks are 1 or a multiple of the vector width");
+    for (int64_t o = r0; o < r1; ++o) {
+      A s[4] = {0, 0, 0, 0};
+      int32_t p = crow[o];
+      const int32_t pe = crow[o + 1];
+      if (check) {
+        int64_t prev = -1;
+        bool b = false;
+        for (int32_t q = p; q < pe; ++q) {
+          const int64_t c = col[q];
+          b |= (c <= prev) | (c >= in);
+          prev = c;
+        }
+        if (b) { note_bad(bad, o); continue; }
+      }
+      for (; p + 4 <= pe; p += 4)
+        for (int k = 0; k < 4; ++k) s[k] += static_cast<A>(val[p + k]) * xt[col[p + k]];
+      for (; p < pe; ++p) s[0] += static_cast<A>(val[p]) * xt[col[p]];
+      const A b = bias ? static_cast<A>(bias[o]) : A(0);
+      y[o] = static_cast<V>(((s[0] + s[1]) + (s[2] + s[3])) + b);
+    }
+  } else {
+    constexpr int NV = TB / W;
+    constexpr int N = NV >= 8 ? 1 : 8 / NV;
+    const int64_t CP = panel_width<A>(TB, in);
+    Vec part[kRowGroup][NV];  // partial sums of the group's rows between panels
+    int32_t cur[kRowGroup];
+    int64_t prev[kRowGroup];  // last column seen per row (validation)
+    for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+      const int64_t g1 = std::min(r1, g0 + kRowGroup);
+      for (int64_t o = g0; o < g1; ++o) cur[o - g0] = crow[o], prev[o - g0] = -1;
+      for (int64_t j0 = 0; j0 < in; j0 += CP) {
+        const int64_t j1 = std::min(in, j0 + CP);
+        const bool first = j0 == 0, last = j1 == in;
+        for (int64_t o = g0; o < g1; ++o) {
+          Vec acc[N][NV];
+#pragma GCC unroll 64
+          for (int k = 0; k < N * NV; ++k) acc[k / NV][k % NV] = Vec{};
+          if (!first) {
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[0][v] = part[o - g0][v];
+          }
+          int32_t p = cur[o - g0];
+          const int32_t pe = crow[o + 1];
+          // non-zeros of this row inside the panel: [p, pp)
+          int32_t pp = p;
+          if (last && !check) {
+            pp = pe;
+          } else {
+            int64_t pv = check ? prev[o - g0] : -1;
+            while (pp < pe) {
+              const int64_t c = col[pp];
+              if (c >= j1 || c <= pv) break;
+              pv = c;
+              ++pp;
+            }
+            prev[o - g0] = pv;
+            if (check && pp < pe && (last || int64_t(col[pp]) <= pv)) note_bad(bad, o);
+          }
+          for (; p + N <= pp; p += N) {
+#pragma GCC unroll 8
+            for (int k = 0; k < N; ++k) {
+              const A w = static_cast<A>(val[p + k]);
+              const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p + k]) * TB);
+#pragma GCC unroll 16
+              for (int v = 0; v < NV; ++v) acc[k][v] += w * x[v];
+            }
+          }
+          for (; p < pp; ++p) {
+            const A w = static_cast<A>(val[p]);
+            const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[0][v] += w * x[v];
+          }
+          cur[o - g0] = p;
+#pragma GCC unroll 8
+          for (int k = 1; k < N; ++k)
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[0][v] += acc[k][v];
+          if (!last) {
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) part[o - g0][v] = acc[0][v];
+            continue;
+          }
+          A res[TB];
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) *reinterpret_cast<Vec*>(res + v * W) = acc[0][v];
+          const A b = bias ? static_cast<A>(bias[o]) : A(0);
+          for (int64_t i = 0; i < nt; ++i) y[i * ldy + o] = static_cast<V>(res[i] + b);
+        }
+      }
+    }
+  }
+}
+
+template <typename A, typename V, typename I>
+at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+  const int64_t T = x.size(0), in = x.size(1), out = crow.numel() - 1;
+  at::Tensor y = at::empty({T, out}, x.options());
+  if (T == 0 || out == 0) return y;
+  if (in == 0) return bias && bias->defined() ? y.copy_(bias->unsqueeze(0).expand({T, out})) : y.zero_();
+  const int64_t TB = token_block(T);
+  std::vector<A> xt(size_t(in * TB));
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const I* cl = col.data_ptr<I>();
+  const V* vl = values.data_ptr<V>();
+  const V* bs = bias && bias->defined() ? bias->data_ptr<V>() : nullptr;
+  const V* xp = x.data_ptr<V>();
+  V* yp = y.data_ptr<V>();
+  const auto parts = balanced_rows(cr, out, num_parts(out));
+  with_tb(TB, [&](auto tbc) {
+    constexpr int TBc = decltype(tbc)::value;
+    for (int64_t t0 = 0; t0 < T; t0 += TBc) {
+      const int64_t nt = std::min<int64_t>(TBc, T - t0);
+      pack_t<A, V>(xp, in, t0, nt, TBc, xt.data());
+      const bool check = t0 == 0;
+      std::atomic<int64_t> bad{out};
+      at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k)
+          spmm_rows<A, V, I, TBc>(cr, cl, vl, xt.data(), bs, in, parts[k], parts[k + 1], nt, yp + t0 * out, out,
+                                  check, bad);
+      });
+      if (bad.load() < out) check_cols_cpu("csr_spmm", crow, col, in);  // throws with the details
+      TORCH_CHECK(bad.load() == out, "csr_spmm: invalid col indices in row ", bad.load());
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------- csr_spmm_t: dX = dY W
+// Parallel over fixed column chunks: each chunk's dX columns are owned by one thread and
+// accumulated over rows in ascending order, so the result is bitwise the same whatever the
+// thread count. Per-row cursors walk the sorted columns chunk by chunk (no transpose index).
+template <typename A, typename V, typename I, int TB>
+void spmm_t_chunk(const int32_t* crow, const I* col, const V* val, const A* dyt, int64_t out,
+                  int64_t j0, int64_t j1, A* buf, int32_t* cur) {
+  using Vec = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  constexpr int NV = TB < W ? 1 : TB / W;
+  std::fill(buf, buf + (j1 - j0) * TB, A(0));
+  for (int64_t o = 0; o < out; ++o) {
+    int32_t p = cur[o];
+    const int32_t pe = crow[o + 1];
+    if (p >= pe || int64_t(col[p]) >= j1) continue;
+    if constexpr (TB < W) {
+      const A dy = dyt[o];
+      for (; p < pe && int64_t(col[p]) < j1; ++p) buf[int64_t(col[p]) - j0] += static_cast<A>(val[p]) * dy;
+    } else {
+      Vec dy[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
+      for (; p < pe && int64_t(col[p]) < j1; ++p) {
+        const A w = static_cast<A>(val[p]);
+        Vec* d = reinterpret_cast<Vec*>(buf + (int64_t(col[p]) - j0) * TB);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) d[v] += w * dy[v];
+      }
+    }
+    cur[o] = p;
+  }
+}
+
+template <typename A, typename V, typename I>
+at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
+                        const at::Tensor& values, int64_t in) {
+  const int64_t T = dy.size(0), out = dy.size(1);
+  at::Tensor dx = at::empty({T, in}, dy.options());
+  if (T == 0 || in == 0) return dx;
+  if (out == 0 || col.numel() == 0) return dx.zero_();
+  const int64_t TB = token_block(T);
+  // Chunk width: the chunk's dX block (CW x TB accumulators) stays within L1.
+  const int64_t CW = std::max<int64_t>(16, 4096 / TB);
+  const int64_t nchunks = (in + CW - 1) / CW;
+  std::vector<A> dyt(size_t(out * TB));
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const I* cl = col.data_ptr<I>();
+  const V* vl = values.data_ptr<V>();
+  const V* dyp = dy.data_ptr<V>();
+  V* dxp = dx.data_ptr<V>();
+  with_tb(TB, [&](auto tbc) {
+    constexpr int TBc = decltype(tbc)::value;
+    for (int64_t t0 = 0; t0 < T; t0 += TBc) {
+      const int64_t nt = std::min<int64_t>(TBc, T - t0);
+      pack_t<A, V>(dyp, out, t0, nt, TBc, dyt.data());
+      at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+        std::vector<A> buf(static_cast<size_t>(CW * TBc));
+        std::vector<int32_t> cur(static_cast<size_t>(out));
+        const int64_t jb = b * CW;
+        for (int64_t o = 0; o < out; ++o)  // first non-zero of each row at or after column jb
+          cur[o] = int32_t(std::lower_bound(cl + cr[o], cl + cr[o + 1], jb,
+                                            [](I c, int64_t v) { return int64_t(c) < v; }) - cl);
+        for (int64_t ch = b; ch < e; ++ch) {
+          const int64_t j0 = ch * CW, j1 = std::min(in, j0 + CW);
+          spmm_t_chunk<A, V, I, TBc>(cr, cl, vl, dyt.data(), out, j0, j1, buf.data(), cur.data());
+          for (int64_t i = 0; i < nt; ++i) {
+            V* drow = dxp + (t0 + i) * in;
+            for (int64_t j = j0; j < j1; ++j) drow[j] = static_cast<V>(buf[(j - j0) * TBc + i]);
+          }
+        }
+      });
+    }
+  });
+  return dx;
+}
+
+// ---------------------------------------------------------------- csr_sddmm
+// <a, b> over one token block: two vector partial sums, then a fixed-order lane sum.
+template <typename A, int TB>
+inline A dot_tb(const A* a, const A* b) {
+  using Vec = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  if constexpr (TB < W) {
+    A s = 0;
+    for (int i = 0; i < TB; ++i) s += a[i] * b[i];
+    return s;
+  } else {
+    constexpr int NV = TB / W;
+    const Vec* va = reinterpret_cast<const Vec*>(a);
+    const Vec* vb = reinterpret_cast<const Vec*>(b);
+    Vec s0 = va[0] * vb[0], s1 = Vec{};
+#pragma GCC unroll 16
+    for (int v = 1; v < NV; ++v) {
+      if (v % 2) s1 += va[v] * vb[v];
+      else s0 += va[v] * vb[v];
+    }
+    return hsum(s0 + s1);
+  }
+}
+
+template <typename A, typename I, int TB>
+void sddmm_rows(const int32_t* crow, const I* col, const A* dyt, const A* xt, int64_t in, int64_t r0,
+                int64_t r1, A* g) {
+  using Vec = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  if constexpr (TB < W) {
+    for (int64_t o = r0; o < r1; ++o)
+      for (int32_t p = crow[o]; p < crow[o + 1]; ++p) g[p] += dot_tb<A, TB>(dyt + o * TB, xt + int64_t(col[p]) * TB);
+  } else {
+    constexpr int NV = TB / W;
+    const int64_t CP = panel_width<A>(TB, in);
+    int32_t cur[kRowGroup];
+    for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+      const int64_t g1 = std::min(r1, g0 + kRowGroup);
+      for (int64_t o = g0; o < g1; ++o) cur[o - g0] = crow[o];
+      for (int64_t j0 = 0; j0 < in; j0 += CP) {
+        const int64_t j1 = std::min(in, j0 + CP);
+        for (int64_t o = g0; o < g1; ++o) {
+          int32_t p = cur[o - g0];
+          const int32_t pe = crow[o + 1];
+          if (p >= pe || int64_t(col[p]) >= j1) continue;
+          Vec dy[NV];  // the row's token block stays in registers across its non-zeros
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
+          for (; p < pe && int64_t(col[p]) < j1; ++p) {
+            const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
+            Vec s0 = dy[0] * x[0], s1 = Vec{};
+#pragma GCC unroll 16
+            for (int v = 1; v < NV; ++v) {
+              if (v % 2) s1 += dy[v] * x[v];
+              else s0 += dy[v] * x[v];
+            }
+            g[p] += hsum(s0 + s1);
+          }
+          cur[o - g0] = p;
+        }
+      }
+    }
+  }
+}
+
+template <typename A, typename I, int TB>
+void sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* slots, const A* dyt,
+                 const A* xt, int64_t s0, int64_t s1, A* g) {
+  if (s0 >= s1) return;
+  // row of the first slot: the last o with crow[o] <= p (empty rows skipped)
+  int64_t o = int64_t(std::upper_bound(crow, crow + out + 1, slots[s0],
+                                       [](int64_t v, int32_t c) { return v < int64_t(c); }) - crow) - 1;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t p = slots[s];
+    while (crow[o + 1] <= p) ++o;
+    g[s] += dot_tb<A, TB>(dyt + o * TB, xt + int64_t(col[p]) * TB);
+  }
+}
+
+template <typename A, typename V, typename I>
+at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
+                       const at::Tensor& col, const at::Tensor& slots) {
+  const int64_t T = dy.size(0), out = dy.size(1), in = x.size(1);
+  const bool all = !slots.defined();
+  const int64_t n = all ? col.numel() : slots.numel();
+  const auto acc_dtype = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
+  at::Tensor g = at::zeros({n}, dy.options().dtype(acc_dtype));
+  if (T == 0 || n == 0) return g;
+  const int64_t TB = token_block(T);
+  std::vector<A> dyt(size_t(out * TB)), xt(size_t(in * TB));
+  const int32_t* cr = crow.data_ptr<int32_t>();
+  const I* cl = col.data_ptr<I>();
+  const int64_t* sl = all ? nullptr : slots.data_ptr<int64_t>();
+  A* gp = g.data_ptr<A>();
+  const auto parts = all ? balanced_rows(cr, out, num_parts(out)) : std::vector<int64_t>{};
+  with_tb(TB, [&](auto tbc) {
+    constexpr int TBc = decltype(tbc)::value;
+    for (int64_t t0 = 0; t0 < T; t0 += TBc) {
+      const int64_t nt = std::min<int64_t>(TBc, T - t0);
+      pack_t<A, V>(dy.data_ptr<V>(), out, t0, nt, TBc, dyt.data());
+      pack_t<A, V>(x.data_ptr<V>(), in, t0, nt, TBc, xt.data());
+      if (all) {
+        at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k)
+            sddmm_rows<A, I, TBc>(cr, cl, dyt.data(), xt.data(), in, parts[k], parts[k + 1], gp);
+        });
+      } else {
+        at::parallel_for(0, n, 2048, [&](int64_t s0, int64_t s1) {
+          sddmm_slots<A, I, TBc>(cr, out, cl, sl, dyt.data(), xt.data(), s0, s1, gp);
+        });
+      }
+    }
+  });
+  return g;
+}
+
+// ---------------------------------------------------------------- dtype dispatch
+template <typename F>
+void dispatch_types(at::ScalarType v, at::ScalarType idx, F&& f) {
+  auto with_index = [&](auto vtag) {
+    using V = typename decltype(vtag)::type;
+    if (idx == at::kShort) f(vtag, std::common_type<int16_t>{});
+    else f(vtag, std::common_type<int32_t>{});
+    (void)sizeof(V);
+  };
+  switch (v) {
+    case at::kFloat: with_index(std::common_type<float>{}); break;
+    case at::kDouble: with_index(std::common_type<double>{}); break;
+    case at::kBFloat16: with_index(std::common_type<c10::BFloat16>{}); break;
+    case at::kHalf: with_index(std::common_type<c10::Half>{}); break;
+    default: TORCH_CHECK(false, "seft: unsupported value dtype ", v);
+  }
+}
+
+at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+  at::Tensor y;
+  dispatch_types(values.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
+    using V = typename decltype(vt)::type;
+    using I = typename decltype(it)::type;
+    y = spmm_typed<typename Acc<V>::type, V, I>(x, crow, col, values, bias);
+  });
+  return y;
+}
+
+at::Tensor spmm_t(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
+                  const at::Tensor& values, int64_t in) {
+  at::Tensor dx;
+  dispatch_types(values.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
+    using V = typename decltype(vt)::type;
+    using I = typename decltype(it)::type;
+    dx = spmm_t_typed<typename Acc<V>::type, V, I>(dy, crow, col, values, in);
+  });
+  return dx;
+}
+
+at::Tensor sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                 const at::Tensor& slots) {
+  at::Tensor g;
+  dispatch_types(x.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
+    using V = typename decltype(vt)::type;
+    using I = typename decltype(it)::type;
+    g = sddmm_typed<typename Acc<V>::type, V, I>(dy, x, crow, col, slots);
+  });
+  return g;
+}
+
+}  // namespace
+
+const IsaKernels kernels{SEFT_ISA_NAME, &spmm, &spmm_t, &sddmm};
+
+}  // namespace seft::cpu::SEFT_ISA

@@ -1,0 +1,133 @@
+"""Typed wrappers, fake kernels and autograd for the ``torch.ops.seft`` operators.
+
+A CSR weight of shape (out, in) is passed as (crow int32 [out + 1], col int16/int32 [nnz],
+values [nnz]); see :class:`seft_ext.CSRWeight`.
+
+Gradients: ``csr_spmm`` differentiates to x (``csr_spmm_t``), values (``csr_sddmm``) and
+bias; ``csr_spmm_t`` and ``csr_sddmm`` are differentiable too (so double backward works).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+
+def csr_spmm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``Y = X W^T (+ bias)`` for x of shape (..., in); returns (..., out) in x's dtype."""
+    _lib.require_library()
+    return torch.ops.seft.csr_spmm(x, crow, col, values, bias)
+
+
+def csr_spmm_t(grad_out: Tensor, crow: Tensor, col: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """``dX = dY W`` for grad_out of shape (..., out); returns (..., in_features). Deterministic."""
+    _lib.require_library()
+    return torch.ops.seft.csr_spmm_t(grad_out, crow, col, values, in_features)
+
+
+def csr_sddmm(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, slots: Optional[Tensor] = None) -> Tensor:
+    """Value gradients ``g[s] = sum_t dY[t, row(p)] * X[t, col(p)]``, ``p = slots[s]``.
+
+    ``slots`` (int64, strictly increasing) selects non-zeros; None means all of them. The
+    result is float64 for float64 inputs and float32 otherwise (the accumulation dtype).
+    """
+    _lib.require_library()
+    return torch.ops.seft.csr_sddmm(grad_out, x, crow, col, slots)
+
+
+def cpu_isa(choose: str = "") -> str:
+    """The CPU kernel set in use ("avx2" or "base"); pass "base", "avx2" or "auto" to switch."""
+    _lib.require_library()
+    return torch.ops.seft.cpu_isa(choose)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _same_device(op: str, **tensors: Optional[Tensor]) -> None:
+    # The fake (Meta) kernels also run when only one argument is on "meta": they must
+    # reject mixed devices as the real kernels do.
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"{op}: all tensors must be on one device, got "
+                           + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+if _lib.load_error is None:
+
+    @torch.library.register_fake("seft::csr_spmm")
+    def _csr_spmm_fake(x, crow, col, values, bias=None):
+        _same_device("csr_spmm", x=x, crow=crow, col=col, values=values, bias=bias)
+        torch._check(x.dtype == values.dtype, lambda: "csr_spmm: x and values must have the same dtype")
+        torch._check(crow.dim() == 1 and col.dim() == 1, lambda: "csr_spmm: crow and col must be 1-D")
+        return x.new_empty((*x.shape[:-1], crow.shape[0] - 1))
+
+    @torch.library.register_fake("seft::csr_spmm_t")
+    def _csr_spmm_t_fake(grad_out, crow, col, values, in_features):
+        _same_device("csr_spmm_t", grad_out=grad_out, crow=crow, col=col, values=values)
+        torch._check(grad_out.dtype == values.dtype, lambda: "csr_spmm_t: grad_out and values dtypes differ")
+        return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    @torch.library.register_fake("seft::csr_sddmm")
+    def _csr_sddmm_fake(grad_out, x, crow, col, slots=None):
+        _same_device("csr_sddmm", grad_out=grad_out, x=x, crow=crow, col=col, slots=slots)
+        n = col.shape[0] if slots is None else slots.shape[0]
+        return x.new_empty((n,), dtype=acc_dtype(x.dtype))
+
+    # csr_spmm: y = x W^T + b
+    def _spmm_setup(ctx, inputs, output):
+        x, crow, col, values, bias = inputs
+        ctx.save_for_backward(x, crow, col, values)
+        ctx.has_bias = bias is not None
+
+    def _spmm_backward(ctx, grad):
+        x, crow, col, values = ctx.saved_tensors
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.seft.csr_spmm_t(grad, crow, col, values, x.shape[-1])
+        if ctx.needs_input_grad[3]:
+            gv = torch.ops.seft.csr_sddmm(grad, x, crow, col, None).to(values.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, None, gv, gb
+
+    torch.library.register_autograd("seft::csr_spmm", _spmm_backward, setup_context=_spmm_setup)
+
+    # csr_spmm_t: dx = dy W
+    def _spmm_t_setup(ctx, inputs, output):
+        grad_out, crow, col, values, _ = inputs
+        ctx.save_for_backward(grad_out, crow, col, values)
+
+    def _spmm_t_backward(ctx, gg):
+        grad_out, crow, col, values = ctx.saved_tensors
+        g_dy = g_v = None
+        if ctx.needs_input_grad[0]:
+            g_dy = torch.ops.seft.csr_spmm(gg, crow, col, values, None)
+        if ctx.needs_input_grad[3]:
+            g_v = torch.ops.seft.csr_sddmm(grad_out, gg, crow, col, None).to(values.dtype)
+        return g_dy, None, None, g_v, None
+
+    torch.library.register_autograd("seft::csr_spmm_t", _spmm_t_backward, setup_context=_spmm_t_setup)
+
+    # csr_sddmm: g[s] = <dy[:, row(p)], x[:, col(p)]>
+    def _sddmm_setup(ctx, inputs, output):
+        grad_out, x, crow, col, slots = inputs
+        ctx.save_for_backward(grad_out, x, crow, col, slots)
+
+    def _sddmm_backward(ctx, gg):
+        grad_out, x, crow, col, slots = ctx.saved_tensors
+        full = gg.to(x.dtype)
+        if slots is not None:
+            full = x.new_zeros(col.shape[0]).index_copy(0, slots, full)
+        g_dy = g_x = None
+        if ctx.needs_input_grad[0]:
+            g_dy = torch.ops.seft.csr_spmm(x, crow, col, full, None)
+        if ctx.needs_input_grad[1]:
+            g_x = torch.ops.seft.csr_spmm_t(grad_out, crow, col, full, x.shape[-1])
+        return g_dy, g_x, None, None, None
+
+    torch.library.register_autograd("seft::csr_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
