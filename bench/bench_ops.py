@@ -196,8 +196,8 @@ def machine_header(args, today, load) -> list[str]:
             f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
             f"- torch {torch.__version__}, python {platform.python_version()}, seft_ext kernel set `{ops.cpu_isa()}`",
             f"- command: `python {shlex.join(sys.argv)}`",
-            f"- load average (1 min) at start {load[0]:.2f}, at end {load[1]:.2f} (above ~0.5 means other "
-            "processes shared the cores: times are then unreliable)",
+            f"- load average (1 min) just before the run: {load:.2f} (above ~0.5, other processes were using "
+            "the cores and times are unreliable)",
             f"- seed {SEED}; median of N timed calls after 2 warmups, N chosen so a case takes about "
             f"{args.target_s} s (at least 3, at most {args.max_repeats}; at most {args.big_max_repeats} for "
             f"shapes larger than 4096x4096)",
@@ -232,7 +232,7 @@ def main() -> int:
     load_start, t0 = os.getloadavg()[0], time.perf_counter()
     rows = run(cases, args.target_s, args.max_repeats, args.big_max_repeats, notes)
     b_lines, b_ratios = bytes_table(shapes, sparsities)
-    lines = machine_header(args, today, (load_start, os.getloadavg()[0]))
+    lines = machine_header(args, today, load_start)
     lines += ["## Times", ""] + results_table(rows)
     lines += ["", "## Weight bytes (bf16 values, int16/int32 col, int32 crow; no transposed index needed)", ""]
     lines += b_lines

@@ -101,8 +101,7 @@ at::Tensor csr_spmm_t_cpu(const at::Tensor& grad_out, const at::Tensor& crow, co
   const int64_t out = crow.numel() - 1;
   TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
   check_dense(op, "grad_out", grad_out, out, values.scalar_type(), values.device());
-  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
-  check_cols_cpu(op, crow_c, col_c, in_features);
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();  // columns: checked by the kernel
   const at::Tensor dy = as_2d(grad_out);
   at::Tensor dx = active_isa().spmm_t(dy, crow_c, col_c, values.contiguous(), in_features);
   return dx.view(with_last(grad_out.sizes(), in_features));
@@ -119,8 +118,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   check_dense(op, "grad_out", grad_out, out, x.scalar_type(), x.device());
   TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1), op,
               ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same leading dimensions");
-  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
-  check_cols_cpu(op, crow_c, col_c, in);
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();  // columns: checked by the kernel
   at::Tensor s;
   if (slots && slots->defined()) {
     TORCH_CHECK(slots->device() == x.device(), op, ": slots is on ", slots->device(), " but x is on ", x.device());

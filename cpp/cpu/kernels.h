@@ -99,132 +99,149 @@ inline std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t out, int6
   return b;
 }
 
+inline void note_bad(std::atomic<int64_t>& bad, int64_t o) {
+  int64_t cur = bad.load();
+  while (o < cur && !bad.compare_exchange_weak(cur, o)) {}
+}
+
 inline int64_t num_parts(int64_t out) {
   return std::max<int64_t>(1, std::min<int64_t>(out, 4 * at::get_num_threads()));
 }
 
-// Column panels: a panel of the packed operand (CP columns x TB tokens) stays in L1 while a
-// group of kRowGroup rows walks its non-zeros in [j0, j1) with per-row cursors; partial
-// sums of rows spanning several panels wait in a small buffer.
+// Column panels: the columns are cut into panels of CP columns so that a panel of the
+// packed operand (CP x TB values) stays in L1 while a group of rows walks its non-zeros.
+// One pre-pass per call validates every row (sorted, unique, in range: a branch-free loop
+// the compiler vectorises) and records where each row enters each panel.
 constexpr int64_t kPanelBytes = 32 * 1024;
 constexpr int64_t kRowGroup = 32;
 
 template <typename A>
 inline int64_t panel_width(int64_t TB, int64_t in) {
   const int64_t cp = std::max<int64_t>(64, kPanelBytes / (TB * int64_t(sizeof(A))));
-  return std::min(cp, std::max<int64_t>(in, 1));
+  const int64_t n = std::max<int64_t>(1, (in + cp - 1) / cp);  // equal panels, rounded to 16
+  return std::max<int64_t>(1, ((in + n - 1) / n + 15) / 16 * 16);
+}
+
+struct Panels {
+  int64_t cp = 1, n = 1;       // panel width, panel count
+  std::vector<int32_t> start;  // start[o * (n + 1) + q]: first non-zero of row o in panel q
+  const int32_t* row(int64_t o) const { return start.data() + o * (n + 1); }
+};
+
+template <typename I>
+inline bool row_valid(const I* c, int64_t len, int64_t in) {
+  if (len == 0) return true;
+  if (int64_t(c[0]) < 0 || int64_t(c[len - 1]) >= in) return false;
+  int bad = 0;
+  for (int64_t i = 1; i < len; ++i) bad |= c[i] <= c[i - 1];
+  return !bad;
+}
+
+// Throws (with the first bad row and column) unless every row is valid.
+template <typename I>
+Panels build_panels(const char* op, const at::Tensor& crow_t, const at::Tensor& col_t, int64_t in, int64_t cp) {
+  const int32_t* crow = crow_t.data_ptr<int32_t>();
+  const I* col = col_t.data_ptr<I>();
+  const int64_t out = crow_t.numel() - 1;
+  Panels P;
+  P.cp = cp;
+  P.n = std::max<int64_t>(1, (in + cp - 1) / cp);
+  P.start.resize(size_t(out * (P.n + 1)));
+  std::atomic<int64_t> bad{out};
+  at::parallel_for(0, out, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t o = r0; o < r1; ++o) {
+      const int32_t p0 = crow[o], p1 = crow[o + 1];
+      int32_t* s = P.start.data() + o * (P.n + 1);
+      s[0] = p0;
+      s[P.n] = p1;
+      if (!row_valid(col + p0, p1 - p0, in)) {
+        note_bad(bad, o);
+        for (int64_t q = 1; q < P.n; ++q) s[q] = p1;
+        continue;
+      }
+      for (int64_t q = 1; q < P.n; ++q)
+        s[q] = int32_t(std::lower_bound(col + s[q - 1], col + p1, q * cp,
+                                        [](I c, int64_t v) { return int64_t(c) < v; }) - col);
+    }
+  });
+  if (bad.load() < out) check_cols_cpu(op, crow_t, col_t, in);  // throws with the details
+  TORCH_CHECK(bad.load() == out, op, ": invalid col indices in row ", bad.load());
+  return P;
 }
 
 // ---------------------------------------------------------------- csr_spmm: Y = X W^T + b
 // Each output row keeps TB token accumulators in registers; every non-zero adds
 // w * XT[col] (TB contiguous values). With few tokens, N non-zeros are kept in flight in
 // separate partial sums so that the FMA units stay busy.
-// With `check` (the first token block), the walk also validates the columns (sorted, unique,
-// in range): a row that fails is reported through `bad` and only its valid prefix is read,
-// so no index outside [0, in) is ever dereferenced.
-inline void note_bad(std::atomic<int64_t>& bad, int64_t o) {
-  int64_t cur = bad.load();
-  while (o < cur && !bad.compare_exchange_weak(cur, o)) {}
-}
-
 template <typename A, typename V, typename I, int TB>
-void spmm_rows(const int32_t* crow, const I* col, const V* val, const A* xt, const V* bias, int64_t in,
-               int64_t r0, int64_t r1, int64_t nt, V* y, int64_t ldy, bool check, std::atomic<int64_t>& bad) {
+void spmm_rows(const Panels& P, const I* col, const V* val, const A* xt, const V* bias, int64_t r0, int64_t r1,
+               int64_t nt, V* y, int64_t ldy) {
   using Vec = typename VecOf<A>::type;
   constexpr int W = VecOf<A>::W;
-  if constexpr (TB < W) {  // a single token: a gather-dot per row
-    static_assert(TB == 1, "token blocks are 1 or a multiple of the vector width");
-    for (int64_t o = r0; o < r1; ++o) {
-      A s[4] = {0, 0, 0, 0};
-      int32_t p = crow[o];
-      const int32_t pe = crow[o + 1];
-      if (check) {
-        int64_t prev = -1;
-        bool b = false;
-        for (int32_t q = p; q < pe; ++q) {
-          const int64_t c = col[q];
-          b |= (c <= prev) | (c >= in);
-          prev = c;
-        }
-        if (b) { note_bad(bad, o); continue; }
-      }
-      for (; p + 4 <= pe; p += 4)
-        for (int k = 0; k < 4; ++k) s[k] += static_cast<A>(val[p + k]) * xt[col[p + k]];
-      for (; p < pe; ++p) s[0] += static_cast<A>(val[p]) * xt[col[p]];
-      const A b = bias ? static_cast<A>(bias[o]) : A(0);
-      y[o] = static_cast<V>(((s[0] + s[1]) + (s[2] + s[3])) + b);
-    }
-  } else {
-    constexpr int NV = TB / W;
-    constexpr int N = NV >= 8 ? 1 : 8 / NV;
-    const int64_t CP = panel_width<A>(TB, in);
-    Vec part[kRowGroup][NV];  // partial sums of the group's rows between panels
-    int32_t cur[kRowGroup];
-    int64_t prev[kRowGroup];  // last column seen per row (validation)
-    for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
-      const int64_t g1 = std::min(r1, g0 + kRowGroup);
-      for (int64_t o = g0; o < g1; ++o) cur[o - g0] = crow[o], prev[o - g0] = -1;
-      for (int64_t j0 = 0; j0 < in; j0 += CP) {
-        const int64_t j1 = std::min(in, j0 + CP);
-        const bool first = j0 == 0, last = j1 == in;
-        for (int64_t o = g0; o < g1; ++o) {
-          Vec acc[N][NV];
+  constexpr int NV = TB / W;
+  constexpr int N = NV >= 8 ? 1 : 8 / NV;
+  Vec part[kRowGroup][NV];  // partial sums of the group's rows between panels
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup);
+    for (int64_t q = 0; q < P.n; ++q) {
+      const bool first = q == 0, last = q + 1 == P.n;
+      for (int64_t o = g0; o < g1; ++o) {
+        Vec acc[N][NV];
 #pragma GCC unroll 64
-          for (int k = 0; k < N * NV; ++k) acc[k / NV][k % NV] = Vec{};
-          if (!first) {
+        for (int k = 0; k < N * NV; ++k) acc[k / NV][k % NV] = Vec{};
+        if (!first) {
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) acc[0][v] = part[o - g0][v];
-          }
-          int32_t p = cur[o - g0];
-          const int32_t pe = crow[o + 1];
-          // non-zeros of this row inside the panel: [p, pp)
-          int32_t pp = p;
-          if (last && !check) {
-            pp = pe;
-          } else {
-            int64_t pv = check ? prev[o - g0] : -1;
-            while (pp < pe) {
-              const int64_t c = col[pp];
-              if (c >= j1 || c <= pv) break;
-              pv = c;
-              ++pp;
-            }
-            prev[o - g0] = pv;
-            if (check && pp < pe && (last || int64_t(col[pp]) <= pv)) note_bad(bad, o);
-          }
-          for (; p + N <= pp; p += N) {
-#pragma GCC unroll 8
-            for (int k = 0; k < N; ++k) {
-              const A w = static_cast<A>(val[p + k]);
-              const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p + k]) * TB);
-#pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) acc[k][v] += w * x[v];
-            }
-          }
-          for (; p < pp; ++p) {
-            const A w = static_cast<A>(val[p]);
-            const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
-#pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) acc[0][v] += w * x[v];
-          }
-          cur[o - g0] = p;
-#pragma GCC unroll 8
-          for (int k = 1; k < N; ++k)
-#pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) acc[0][v] += acc[k][v];
-          if (!last) {
-#pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) part[o - g0][v] = acc[0][v];
-            continue;
-          }
-          A res[TB];
-#pragma GCC unroll 16
-          for (int v = 0; v < NV; ++v) *reinterpret_cast<Vec*>(res + v * W) = acc[0][v];
-          const A b = bias ? static_cast<A>(bias[o]) : A(0);
-          for (int64_t i = 0; i < nt; ++i) y[i * ldy + o] = static_cast<V>(res[i] + b);
+          for (int v = 0; v < NV; ++v) acc[0][v] = part[o - g0][v];
         }
+        int32_t p = P.row(o)[q];
+        const int32_t pe = P.row(o)[q + 1];
+        for (; p + N <= pe; p += N) {
+#pragma GCC unroll 8
+          for (int k = 0; k < N; ++k) {
+            const A w = static_cast<A>(val[p + k]);
+            const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p + k]) * TB);
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[k][v] += w * x[v];
+          }
+        }
+        for (; p < pe; ++p) {
+          const A w = static_cast<A>(val[p]);
+          const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) acc[0][v] += w * x[v];
+        }
+#pragma GCC unroll 8
+        for (int k = 1; k < N; ++k)
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) acc[0][v] += acc[k][v];
+        if (!last) {
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) part[o - g0][v] = acc[0][v];
+          continue;
+        }
+        A res[TB];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<Vec*>(res + v * W) = acc[0][v];
+        const A b = bias ? static_cast<A>(bias[o]) : A(0);
+        for (int64_t i = 0; i < nt; ++i) y[i * ldy + o] = static_cast<V>(res[i] + b);
       }
     }
+  }
+}
+
+// A single token: a gather-dot per row (x is the packed (in x 1) vector).
+template <typename A, typename V, typename I>
+void spmv_rows(const int32_t* crow, const I* col, const V* val, const A* x, const V* bias, int64_t r0, int64_t r1,
+               V* y) {
+  for (int64_t o = r0; o < r1; ++o) {
+    A s[4] = {0, 0, 0, 0};
+    int32_t p = crow[o];
+    const int32_t pe = crow[o + 1];
+    for (; p + 4 <= pe; p += 4)
+      for (int k = 0; k < 4; ++k) s[k] += static_cast<A>(val[p + k]) * x[col[p + k]];
+    for (; p < pe; ++p) s[0] += static_cast<A>(val[p]) * x[col[p]];
+    const A b = bias ? static_cast<A>(bias[o]) : A(0);
+    y[o] = static_cast<V>(((s[0] + s[1]) + (s[2] + s[3])) + b);
   }
 }
 
@@ -233,9 +250,10 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
                       const at::Tensor& values, const std::optional<at::Tensor>& bias) {
   const int64_t T = x.size(0), in = x.size(1), out = crow.numel() - 1;
   at::Tensor y = at::empty({T, out}, x.options());
+  const int64_t TB = token_block(T);
+  const Panels P = build_panels<I>("csr_spmm", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || out == 0) return y;
   if (in == 0) return bias && bias->defined() ? y.copy_(bias->unsqueeze(0).expand({T, out})) : y.zero_();
-  const int64_t TB = token_block(T);
   std::vector<A> xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
@@ -249,50 +267,109 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
     for (int64_t t0 = 0; t0 < T; t0 += TBc) {
       const int64_t nt = std::min<int64_t>(TBc, T - t0);
       pack_t<A, V>(xp, in, t0, nt, TBc, xt.data());
-      const bool check = t0 == 0;
-      std::atomic<int64_t> bad{out};
       at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k)
-          spmm_rows<A, V, I, TBc>(cr, cl, vl, xt.data(), bs, in, parts[k], parts[k + 1], nt, yp + t0 * out, out,
-                                  check, bad);
+        for (int64_t k = b; k < e; ++k) {
+          if constexpr (TBc < VecOf<A>::W) spmv_rows<A, V, I>(cr, cl, vl, xt.data(), bs, parts[k], parts[k + 1], yp + t0 * out);
+          else spmm_rows<A, V, I, TBc>(P, cl, vl, xt.data(), bs, parts[k], parts[k + 1], nt, yp + t0 * out, out);
+        }
       });
-      if (bad.load() < out) check_cols_cpu("csr_spmm", crow, col, in);  // throws with the details
-      TORCH_CHECK(bad.load() == out, "csr_spmm: invalid col indices in row ", bad.load());
     }
   });
   return y;
 }
 
 // ---------------------------------------------------------------- csr_spmm_t: dX = dY W
-// Parallel over fixed column chunks: each chunk's dX columns are owned by one thread and
-// accumulated over rows in ascending order, so the result is bitwise the same whatever the
-// thread count. Per-row cursors walk the sorted columns chunk by chunk (no transpose index).
+// Parallel over the column panels: each panel's dX block (CP x TB accumulators, in L1) is
+// owned by one thread and summed over rows in ascending order, so the result is bitwise the
+// same whatever the thread count. No transposed index: the panel starts say where each
+// row's sorted columns enter the panel.
 template <typename A, typename V, typename I, int TB>
-void spmm_t_chunk(const int32_t* crow, const I* col, const V* val, const A* dyt, int64_t out,
-                  int64_t j0, int64_t j1, A* buf, int32_t* cur) {
+void spmm_t_panel(const Panels& P, int64_t q, const I* col, const V* val, const A* dyt, int64_t out, A* buf) {
   using Vec = typename VecOf<A>::type;
   constexpr int W = VecOf<A>::W;
   constexpr int NV = TB < W ? 1 : TB / W;
-  std::fill(buf, buf + (j1 - j0) * TB, A(0));
+  const int64_t j0 = q * P.cp;
   for (int64_t o = 0; o < out; ++o) {
-    int32_t p = cur[o];
-    const int32_t pe = crow[o + 1];
-    if (p >= pe || int64_t(col[p]) >= j1) continue;
+    int32_t p = P.row(o)[q];
+    const int32_t pe = P.row(o)[q + 1];
+    if (p == pe) continue;
     if constexpr (TB < W) {
       const A dy = dyt[o];
-      for (; p < pe && int64_t(col[p]) < j1; ++p) buf[int64_t(col[p]) - j0] += static_cast<A>(val[p]) * dy;
+      for (; p < pe; ++p) buf[int64_t(col[p]) - j0] += static_cast<A>(val[p]) * dy;
     } else {
       Vec dy[NV];
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
-      for (; p < pe && int64_t(col[p]) < j1; ++p) {
+      for (; p < pe; ++p) {
         const A w = static_cast<A>(val[p]);
         Vec* d = reinterpret_cast<Vec*>(buf + (int64_t(col[p]) - j0) * TB);
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) d[v] += w * dy[v];
       }
     }
-    cur[o] = p;
+  }
+}
+
+// Many tokens: inside a panel, the non-zeros of each group of kColGroupRows rows are first
+// listed by column (once per call; ascending rows within a column), so each column sums
+// its group's contributions in registers and touches the dX block once per group instead
+// of once per non-zero. Workspace: 5 bytes per non-zero of the panel, freed with it.
+constexpr int64_t kColGroupRows = 64;
+
+template <typename A, typename V, typename I, int TB>
+void spmm_t_panel_bycol(const Panels& P, int64_t q, int64_t w, const I* col, const V* val, const A* dyt_all,
+                        int64_t out, int64_t T, int64_t in, V* dxp) {
+  using Vec = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  constexpr int NV = TB / W;
+  const int64_t j0 = q * P.cp;
+  const int64_t ngroups = (out + kColGroupRows - 1) / kColGroupRows;
+  std::vector<int32_t> coff(size_t(ngroups * (w + 1) + 1), 0);
+  for (int64_t o = 0; o < out; ++o) {
+    int32_t* cg = coff.data() + (o / kColGroupRows) * (w + 1) + 1;
+    for (int32_t p = P.row(o)[q]; p < P.row(o)[q + 1]; ++p) ++cg[int64_t(col[p]) - j0];
+  }
+  for (size_t i = 1; i < coff.size(); ++i) coff[i] += coff[i - 1];
+  std::vector<int32_t> pos(coff.begin(), coff.end() - 1), ep(size_t(coff.back()));
+  std::vector<uint8_t> er(size_t(coff.back()));
+  for (int64_t o = 0; o < out; ++o) {
+    int32_t* pg = pos.data() + (o / kColGroupRows) * (w + 1);
+    for (int32_t p = P.row(o)[q]; p < P.row(o)[q + 1]; ++p) {
+      const int32_t k = pg[int64_t(col[p]) - j0]++;
+      ep[k] = p;
+      er[k] = uint8_t(o % kColGroupRows);
+    }
+  }
+  std::vector<A> buf(size_t(w * TB));
+  for (int64_t t0 = 0; t0 < T; t0 += TB) {
+    const A* dyt = dyt_all + (t0 / TB) * out * TB;
+    std::fill(buf.begin(), buf.end(), A(0));
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const A* dyg = dyt + g * kColGroupRows * TB;
+      const int32_t* cg = coff.data() + g * (w + 1);
+      for (int64_t c = 0; c < w; ++c) {
+        int32_t k = cg[c];
+        const int32_t ke = cg[c + 1];
+        if (k == ke) continue;
+        Vec acc[NV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[v] = Vec{};
+        for (; k < ke; ++k) {
+          const A wv = static_cast<A>(val[ep[k]]);
+          const Vec* d = reinterpret_cast<const Vec*>(dyg + int64_t(er[k]) * TB);
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) acc[v] += wv * d[v];
+        }
+        Vec* bc = reinterpret_cast<Vec*>(buf.data() + c * TB);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) bc[v] += acc[v];
+      }
+    }
+    const int64_t nt = std::min<int64_t>(TB, T - t0);
+    for (int64_t i = 0; i < nt; ++i) {
+      V* drow = dxp + (t0 + i) * in + j0;
+      for (int64_t j = 0; j < w; ++j) drow[j] = static_cast<V>(buf[j * TB + i]);
+    }
   }
 }
 
@@ -301,33 +378,40 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
                         const at::Tensor& values, int64_t in) {
   const int64_t T = dy.size(0), out = dy.size(1);
   at::Tensor dx = at::empty({T, in}, dy.options());
+  const int64_t TB = token_block(T);
+  const Panels P = build_panels<I>("csr_spmm_t", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || in == 0) return dx;
   if (out == 0 || col.numel() == 0) return dx.zero_();
-  const int64_t TB = token_block(T);
-  // Chunk width: the chunk's dX block (CW x TB accumulators) stays within L1.
-  const int64_t CW = std::max<int64_t>(16, 4096 / TB);
-  const int64_t nchunks = (in + CW - 1) / CW;
-  std::vector<A> dyt(size_t(out * TB));
-  const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const V* vl = values.data_ptr<V>();
   const V* dyp = dy.data_ptr<V>();
   V* dxp = dx.data_ptr<V>();
   with_tb(TB, [&](auto tbc) {
     constexpr int TBc = decltype(tbc)::value;
+    const int64_t nblocks = (T + TBc - 1) / TBc;
+    if constexpr (TBc >= VecOf<A>::W) {
+      if (nblocks >= 2) {  // column-grouped: pack every token block once, then one pass per panel
+        std::vector<A> dyt(size_t(nblocks * out * TBc));
+        for (int64_t bl = 0; bl < nblocks; ++bl)
+          pack_t<A, V>(dyp, out, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, dyt.data() + bl * out * TBc);
+        at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
+          for (int64_t q = b; q < e; ++q)
+            spmm_t_panel_bycol<A, V, I, TBc>(P, q, std::min(in, (q + 1) * P.cp) - q * P.cp, cl, vl, dyt.data(), out,
+                                             T, in, dxp);
+        });
+        return;
+      }
+    }
+    std::vector<A> dyt(size_t(out * TBc));
     for (int64_t t0 = 0; t0 < T; t0 += TBc) {
       const int64_t nt = std::min<int64_t>(TBc, T - t0);
       pack_t<A, V>(dyp, out, t0, nt, TBc, dyt.data());
-      at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-        std::vector<A> buf(static_cast<size_t>(CW * TBc));
-        std::vector<int32_t> cur(static_cast<size_t>(out));
-        const int64_t jb = b * CW;
-        for (int64_t o = 0; o < out; ++o)  // first non-zero of each row at or after column jb
-          cur[o] = int32_t(std::lower_bound(cl + cr[o], cl + cr[o + 1], jb,
-                                            [](I c, int64_t v) { return int64_t(c) < v; }) - cl);
-        for (int64_t ch = b; ch < e; ++ch) {
-          const int64_t j0 = ch * CW, j1 = std::min(in, j0 + CW);
-          spmm_t_chunk<A, V, I, TBc>(cr, cl, vl, dyt.data(), out, j0, j1, buf.data(), cur.data());
+      at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
+        std::vector<A> buf(static_cast<size_t>(P.cp * TBc));
+        for (int64_t q = b; q < e; ++q) {
+          const int64_t j0 = q * P.cp, j1 = std::min(in, j0 + P.cp);
+          std::fill(buf.begin(), buf.end(), A(0));
+          spmm_t_panel<A, V, I, TBc>(P, q, cl, vl, dyt.data(), out, buf.data());
           for (int64_t i = 0; i < nt; ++i) {
             V* drow = dxp + (t0 + i) * in;
             for (int64_t j = j0; j < j1; ++j) drow[j] = static_cast<V>(buf[(j - j0) * TBc + i]);
@@ -364,30 +448,24 @@ inline A dot_tb(const A* a, const A* b) {
 }
 
 template <typename A, typename I, int TB>
-void sddmm_rows(const int32_t* crow, const I* col, const A* dyt, const A* xt, int64_t in, int64_t r0,
-                int64_t r1, A* g) {
+void sddmm_rows(const Panels& P, const I* col, const A* dyt, const A* xt, int64_t r0, int64_t r1, A* g) {
   using Vec = typename VecOf<A>::type;
   constexpr int W = VecOf<A>::W;
-  if constexpr (TB < W) {
-    for (int64_t o = r0; o < r1; ++o)
-      for (int32_t p = crow[o]; p < crow[o + 1]; ++p) g[p] += dot_tb<A, TB>(dyt + o * TB, xt + int64_t(col[p]) * TB);
-  } else {
-    constexpr int NV = TB / W;
-    const int64_t CP = panel_width<A>(TB, in);
-    int32_t cur[kRowGroup];
-    for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
-      const int64_t g1 = std::min(r1, g0 + kRowGroup);
-      for (int64_t o = g0; o < g1; ++o) cur[o - g0] = crow[o];
-      for (int64_t j0 = 0; j0 < in; j0 += CP) {
-        const int64_t j1 = std::min(in, j0 + CP);
-        for (int64_t o = g0; o < g1; ++o) {
-          int32_t p = cur[o - g0];
-          const int32_t pe = crow[o + 1];
-          if (p >= pe || int64_t(col[p]) >= j1) continue;
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup);
+    for (int64_t q = 0; q < P.n; ++q) {
+      for (int64_t o = g0; o < g1; ++o) {
+        int32_t p = P.row(o)[q];
+        const int32_t pe = P.row(o)[q + 1];
+        if (p == pe) continue;
+        if constexpr (TB < W) {
+          for (; p < pe; ++p) g[p] += dot_tb<A, TB>(dyt + o * TB, xt + int64_t(col[p]) * TB);
+        } else {
+          constexpr int NV = TB / W;
           Vec dy[NV];  // the row's token block stays in registers across its non-zeros
 #pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
-          for (; p < pe && int64_t(col[p]) < j1; ++p) {
+          for (; p < pe; ++p) {
             const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
             Vec s0 = dy[0] * x[0], s1 = Vec{};
 #pragma GCC unroll 16
@@ -397,7 +475,6 @@ void sddmm_rows(const int32_t* crow, const I* col, const A* dyt, const A* xt, in
             }
             g[p] += hsum(s0 + s1);
           }
-          cur[o - g0] = p;
         }
       }
     }
@@ -426,8 +503,9 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const int64_t n = all ? col.numel() : slots.numel();
   const auto acc_dtype = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
   at::Tensor g = at::zeros({n}, dy.options().dtype(acc_dtype));
-  if (T == 0 || n == 0) return g;
   const int64_t TB = token_block(T);
+  const Panels P = build_panels<I>("csr_sddmm", crow, col, in, all ? panel_width<A>(TB, in) : std::max<int64_t>(in, 1));
+  if (T == 0 || n == 0) return g;
   std::vector<A> dyt(size_t(out * TB)), xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
@@ -442,8 +520,7 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       pack_t<A, V>(x.data_ptr<V>(), in, t0, nt, TBc, xt.data());
       if (all) {
         at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k)
-            sddmm_rows<A, I, TBc>(cr, cl, dyt.data(), xt.data(), in, parts[k], parts[k + 1], gp);
+          for (int64_t k = b; k < e; ++k) sddmm_rows<A, I, TBc>(P, cl, dyt.data(), xt.data(), parts[k], parts[k + 1], gp);
         });
       } else {
         at::parallel_for(0, n, 2048, [&](int64_t s0, int64_t s1) {
