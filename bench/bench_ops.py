@@ -5,7 +5,8 @@ Forward + backward: csr_spmm + csr_spmm_t + csr_sddmm (all non-zeros)
 vs F.linear + dY @ W + dY^T @ X. Also bytes of the bf16 CSR weight vs the dense bf16 weight.
 
     python bench/bench_ops.py --quick      # fp32, 70%, 1536x576, 576x1536, 4096x4096
-    python bench/bench_ops.py              # everything (about 15 min on 2 cores)
+    python bench/bench_ops.py              # everything (~10-15 min on 2 idle cores, mostly the
+                                           # bf16 dense baseline: dY @ W in bf16 takes minutes here)
 """
 from __future__ import annotations
 
@@ -37,12 +38,15 @@ TARGETS = [("fwd vs dense", 512, "o_fwd", "d_fwd", 0.67), ("fwd vs torch.sparse"
 BYTES_LIMIT = 0.65
 
 
-def median_time(fn, target_s: float, max_repeats: int, min_repeats: int = 3) -> tuple[float, int]:
-    """Median seconds of fn() after 2 warmup calls; repeats chosen so the case takes about target_s."""
-    for _ in range(2):
+def median_time(fn, target_s: float, max_repeats: int, slow_s: float, min_repeats: int = 3) -> tuple[float, int]:
+    """(median seconds, repeats) of fn() after 2 warmup calls, repeats chosen so the case takes about
+    target_s. A first call slower than slow_s is the result itself: (its time, 1)."""
+    for i in range(2):
         t0 = time.perf_counter()
         fn()
         one = time.perf_counter() - t0
+        if i == 0 and one > slow_s:
+            return one, 1
     n = max(min_repeats, min(max_repeats, int(target_s / max(one, 1e-6))))
     times = []
     for _ in range(n):
@@ -62,27 +66,27 @@ def make_case(out: int, inp: int, sparsity: float, tokens: int, dtype: torch.dty
     return weight, mask, x, dy
 
 
-def time_dense(w_dense, x, dy, target_s, max_repeats):
-    fwd = median_time(lambda: F.linear(x, w_dense), target_s, max_repeats)
-    fb = median_time(lambda: (F.linear(x, w_dense), dy @ w_dense, dy.t() @ x), target_s, max_repeats)
+def time_dense(w_dense, x, dy, timer):
+    fwd = timer(lambda: F.linear(x, w_dense))
+    fb = timer(lambda: (F.linear(x, w_dense), dy @ w_dense, dy.t() @ x))
     return fwd, fb
 
 
-def time_torch_sparse(w_dense, x, target_s, max_repeats):
-    """(median, repeats) of torch.sparse.mm(W_csr, x.T), or (None, error text) if unsupported."""
+def time_torch_sparse(w_dense, x, timer):
+    """((median, repeats), None) of torch.sparse.mm(W_csr, x.T), or (None, error text) if unsupported."""
     try:
         w_csr = w_dense.to_sparse_csr()
         torch.sparse.mm(w_csr, x.t())
     except Exception as e:  # noqa: BLE001 - report, do not hide
         return None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
-    return median_time(lambda: torch.sparse.mm(w_csr, x.t()), target_s, max_repeats)
+    return timer(lambda: torch.sparse.mm(w_csr, x.t())), None
 
 
-def time_ours(w: CSRWeight, x, dy, target_s, max_repeats):
+def time_ours(w: CSRWeight, x, dy, timer):
     c, v = w.crow, w.values
-    fwd = median_time(lambda: ops.csr_spmm(x, c, w.col, v), target_s, max_repeats)
-    fb = median_time(lambda: (ops.csr_spmm(x, c, w.col, v), ops.csr_spmm_t(dy, c, w.col, v, w.shape[1]),
-                              ops.csr_sddmm(dy, x, c, w.col)), target_s, max_repeats)
+    fwd = timer(lambda: ops.csr_spmm(x, c, w.col, v))
+    fb = timer(lambda: (ops.csr_spmm(x, c, w.col, v), ops.csr_spmm_t(dy, c, w.col, v, w.shape[1]),
+                        ops.csr_sddmm(dy, x, c, w.col)))
     return fwd, fb
 
 
@@ -105,46 +109,48 @@ def bytes_ratios(out: int, inp: int, sparsity: float) -> tuple[float, float]:
     return w.nbytes() / (out * inp * 2), t_bytes / (out * inp * 2)
 
 
-def ms(t) -> str:
-    return "n/a" if t is None else f"{t * 1e3:.3f}"
+def ms(tn) -> str:
+    """Milliseconds; a trailing * marks a single cold call (no warmup; see the header)."""
+    return "n/a" if tn is None else f"{tn[0] * 1e3:.3f}" + ("*" if tn[1] == 1 else "")
 
 
 def ratio(a, b) -> str:
-    return "n/a" if a is None or b is None else f"{a / b:.2f}"
+    return "n/a" if a is None or b is None else f"{a[0] / b[0]:.2f}"
 
 
-def run(cases, target_s, max_repeats, big_max_repeats, notes):
+def run(cases, args, notes):
     rows, dense_cache = [], {}
     for dname, out, inp, tokens, sp in cases:
         dtype = DTYPES[dname]
-        big = out * inp > 4096 * 4096
-        reps = big_max_repeats if big else max_repeats
+        reps = args.big_max_repeats if out * inp > 4096 * 4096 else args.max_repeats
+        timer = lambda fn: median_time(fn, args.target_s, reps, args.slow_call_s)  # noqa: E731
         print(f"[bench] {dname} {out}x{inp} tokens={tokens} sparsity={sp}", file=sys.stderr, flush=True)
         weight, mask, x, dy = make_case(out, inp, sp, tokens, dtype)
         w = CSRWeight.from_dense(weight, mask, dtype=dtype)
         w_dense = (weight * mask).to(dtype)
         key = (dname, out, inp, tokens)  # dense cost does not depend on the mask: time once
         if key not in dense_cache:
-            dense_cache[key] = time_dense(w_dense, x, dy, target_s, reps)
-        (d_fwd, _), (d_fb, _) = dense_cache[key]
-        s_fwd, s_info = time_torch_sparse(w_dense, x, target_s, reps)
+            dense_cache[key] = time_dense(w_dense, x, dy, timer)
+        d_fwd, d_fb = dense_cache[key]
+        s_fwd, s_info = time_torch_sparse(w_dense, x, timer)
         if s_fwd is None:
             notes.add(f"torch.sparse.mm, {dname}: {s_info}")
         try:
-            (o_fwd, n_o), (o_fb, _) = time_ours(w, x, dy, target_s, reps)
+            o_fwd, o_fb = time_ours(w, x, dy, timer)
             err = rel_errors(w, w_dense, mask, x, dy)
         except Exception as e:  # noqa: BLE001 - report, do not hide
             notes.add(f"seft ops, {dname} {out}x{inp} tokens={tokens}: {type(e).__name__}: {e}")
-            o_fwd = o_fb = err = n_o = None
+            o_fwd = o_fb = err = None
+        reps = "/".join("-" if tn is None else str(tn[1]) for tn in (o_fwd, d_fwd, s_fwd, o_fb, d_fb))
         rows.append(dict(dtype=dname, shape=f"{out}x{inp}", tokens=tokens, sparsity=sp, o_fwd=o_fwd,
-                         d_fwd=d_fwd, s_fwd=s_fwd, o_fb=o_fb, d_fb=d_fb, err=err, reps=n_o))
+                         d_fwd=d_fwd, s_fwd=s_fwd, o_fb=o_fb, d_fb=d_fb, err=err, reps=reps))
     return rows
 
 
 def results_table(rows) -> list[str]:
     lines = ["| dtype | shape (out x in) | tokens | sparsity | ours fwd ms | dense fwd ms | torch.sparse fwd ms "
              "| ours/dense fwd | ours/sparse fwd | ours fwd+bwd ms | dense fwd+bwd ms | ours/dense fwd+bwd "
-             "| rel err Y/dX/dV | repeats |",
+             "| rel err Y/dX/dV | repeats (5 columns of ms) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['shape']} | {r['tokens']} | {r['sparsity']:.0%} | {ms(r['o_fwd'])} "
@@ -174,7 +180,7 @@ def targets_table(rows, byte_ratios, shapes) -> list[str]:
                       and abs(r["sparsity"] - 0.7) < 1e-9), None)
             if r is None:
                 continue
-            value = None if r[num] is None or r[den] is None else r[num] / r[den]
+            value = None if r[num] is None or r[den] is None else r[num][0] / r[den][0]
             verdict = "n/a" if value is None else ("PASS" if value <= limit else "MISS")
             lines.append(f"| {shape} | {name}, {tokens} tokens | {'n/a' if value is None else f'{value:.2f}x'} "
                          f"| <= {limit}x | {verdict} |")
@@ -200,7 +206,8 @@ def machine_header(args, today, load) -> list[str]:
             "the cores and times are unreliable)",
             f"- seed {SEED}; median of N timed calls after 2 warmups, N chosen so a case takes about "
             f"{args.target_s} s (at least 3, at most {args.max_repeats}; at most {args.big_max_repeats} for "
-            f"shapes larger than 4096x4096)",
+            f"shapes larger than 4096x4096); a first call slower than {args.slow_call_s} s is timed once, "
+            "cold, and marked * (bf16 dense matmuls on CPUs without native bf16 take minutes)",
             "- dense = F.linear(x, W*mask) [+ dY @ W + dY^T @ X]; ours = csr_spmm [+ csr_spmm_t + csr_sddmm "
             "over all non-zeros]; torch.sparse = torch.sparse.mm(W_csr, x.T) (output left transposed)",
             "- dense times are measured once per dtype/shape/tokens and reused across sparsities "
@@ -214,6 +221,7 @@ def main() -> int:
     p.add_argument("--target-s", type=float, default=0.3, help="wall time aimed at per timed case (s)")
     p.add_argument("--max-repeats", type=int, default=200, help="repeat cap per case")
     p.add_argument("--big-max-repeats", type=int, default=3, help="repeat cap for shapes above 4096x4096")
+    p.add_argument("--slow-call-s", type=float, default=5.0, help="time a call slower than this only once")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
     if args.threads:
@@ -230,7 +238,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     notes: set[str] = set()
     load_start, t0 = os.getloadavg()[0], time.perf_counter()
-    rows = run(cases, args.target_s, args.max_repeats, args.big_max_repeats, notes)
+    rows = run(cases, args, notes)
     b_lines, b_ratios = bytes_table(shapes, sparsities)
     lines = machine_header(args, today, load_start)
     lines += ["## Times", ""] + results_table(rows)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -36,17 +37,50 @@ template <typename A> struct VecOf;
 template <> struct VecOf<float> { using type = v8f; static constexpr int W = 8; };
 template <> struct VecOf<double> { using type = v4d; static constexpr int W = 4; };
 
-inline float hsum(v8f v) {  // fixed-order tree sum of the 8 lanes
-  v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+// Lane sums in one fixed order, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), whether one vector is
+// reduced (hsum) or four at once (hsum4, lane k = hsum(tk)): results match bit for bit.
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
+inline float hsum(v8f v) {
   v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  return v[0];
+  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  return v[0] + v[4];
 }
 inline double hsum(v4d v) {
-  v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
   v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
-  return v[0];
+  return v[0] + v[2];
 }
+inline void add_hsum4(float* g, v8f t0, v8f t1, v8f t2, v8f t3) {
+  const v8f h01 = __builtin_shufflevector(t0, t1, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(t0, t1, 1, 9, 3, 11, 5, 13, 7, 15);  // t0_01 t1_01 t0_23 t1_23 ..
+  const v8f h23 = __builtin_shufflevector(t2, t3, 0, 8, 2, 10, 4, 12, 6, 14) +
+                  __builtin_shufflevector(t2, t3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f h = __builtin_shufflevector(h01, h23, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(h01, h23, 2, 3, 10, 11, 6, 7, 14, 15);  // t0..t3 (0123), t0..t3 (4567)
+  const v4f r = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  v4f gv;
+  __builtin_memcpy(&gv, g, sizeof(gv));
+  gv += r;
+  __builtin_memcpy(g, &gv, sizeof(gv));
+}
+inline void add_hsum4(double* g, v4d t0, v4d t1, v4d t2, v4d t3) {
+  const v4d h01 = __builtin_shufflevector(t0, t1, 0, 4, 2, 6) + __builtin_shufflevector(t0, t1, 1, 5, 3, 7);
+  const v4d h23 = __builtin_shufflevector(t2, t3, 0, 4, 2, 6) + __builtin_shufflevector(t2, t3, 1, 5, 3, 7);
+  const v4d r = __builtin_shufflevector(h01, h23, 0, 1, 4, 5) + __builtin_shufflevector(h01, h23, 2, 3, 6, 7);
+  for (int k = 0; k < 4; ++k) g[k] += r[k];
+}
+
+// Packed buffers are 64-byte aligned, so every TB-token row inside them is vector aligned.
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U> AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U> bool operator==(const AlignedAlloc<U>&) const { return true; }
+  template <typename U> bool operator!=(const AlignedAlloc<U>&) const { return false; }
+};
+template <typename T> using avec = std::vector<T, AlignedAlloc<T>>;
 
 constexpr int64_t kMaxTB = 64;
 
@@ -254,7 +288,7 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
   const Panels P = build_panels<I>("csr_spmm", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || out == 0) return y;
   if (in == 0) return bias && bias->defined() ? y.copy_(bias->unsqueeze(0).expand({T, out})) : y.zero_();
-  std::vector<A> xt(size_t(in * TB));
+  avec<A> xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const V* vl = values.data_ptr<V>();
@@ -340,7 +374,7 @@ void spmm_t_panel_bycol(const Panels& P, int64_t q, int64_t w, const I* col, con
       er[k] = uint8_t(o % kColGroupRows);
     }
   }
-  std::vector<A> buf(size_t(w * TB));
+  avec<A> buf(size_t(w * TB));
   for (int64_t t0 = 0; t0 < T; t0 += TB) {
     const A* dyt = dyt_all + (t0 / TB) * out * TB;
     std::fill(buf.begin(), buf.end(), A(0));
@@ -391,7 +425,7 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
     const int64_t nblocks = (T + TBc - 1) / TBc;
     if constexpr (TBc >= VecOf<A>::W) {
       if (nblocks >= 2) {  // column-grouped: pack every token block once, then one pass per panel
-        std::vector<A> dyt(size_t(nblocks * out * TBc));
+        avec<A> dyt(size_t(nblocks * out * TBc));
         for (int64_t bl = 0; bl < nblocks; ++bl)
           pack_t<A, V>(dyp, out, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, dyt.data() + bl * out * TBc);
         at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
@@ -402,12 +436,12 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
         return;
       }
     }
-    std::vector<A> dyt(size_t(out * TBc));
+    avec<A> dyt(size_t(out * TBc));
     for (int64_t t0 = 0; t0 < T; t0 += TBc) {
       const int64_t nt = std::min<int64_t>(TBc, T - t0);
       pack_t<A, V>(dyp, out, t0, nt, TBc, dyt.data());
       at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
-        std::vector<A> buf(static_cast<size_t>(P.cp * TBc));
+        avec<A> buf(static_cast<size_t>(P.cp * TBc));
         for (int64_t q = b; q < e; ++q) {
           const int64_t j0 = q * P.cp, j1 = std::min(in, j0 + P.cp);
           std::fill(buf.begin(), buf.end(), A(0));
@@ -424,7 +458,18 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
 }
 
 // ---------------------------------------------------------------- csr_sddmm
-// <a, b> over one token block: two vector partial sums, then a fixed-order lane sum.
+// Per non-zero: one vector accumulator over the token block (sequential FMAs), then the
+// lane sum; the same order on every path (rows, slots, batched by four).
+// (A, not the vector type, is the template parameter: GCC drops a typedef's reduced
+// alignment when the typedef itself is a template argument.)
+template <typename A, int NV>
+inline typename VecOf<A>::type dot_vec(const typename VecOf<A>::type* a, const typename VecOf<A>::type* b) {
+  typename VecOf<A>::type s = a[0] * b[0];
+#pragma GCC unroll 16
+  for (int v = 1; v < NV; ++v) s += a[v] * b[v];
+  return s;
+}
+
 template <typename A, int TB>
 inline A dot_tb(const A* a, const A* b) {
   using Vec = typename VecOf<A>::type;
@@ -434,16 +479,7 @@ inline A dot_tb(const A* a, const A* b) {
     for (int i = 0; i < TB; ++i) s += a[i] * b[i];
     return s;
   } else {
-    constexpr int NV = TB / W;
-    const Vec* va = reinterpret_cast<const Vec*>(a);
-    const Vec* vb = reinterpret_cast<const Vec*>(b);
-    Vec s0 = va[0] * vb[0], s1 = Vec{};
-#pragma GCC unroll 16
-    for (int v = 1; v < NV; ++v) {
-      if (v % 2) s1 += va[v] * vb[v];
-      else s0 += va[v] * vb[v];
-    }
-    return hsum(s0 + s1);
+    return hsum(dot_vec<A, TB / W>(reinterpret_cast<const Vec*>(a), reinterpret_cast<const Vec*>(b)));
   }
 }
 
@@ -465,16 +501,11 @@ void sddmm_rows(const Panels& P, const I* col, const A* dyt, const A* xt, int64_
           Vec dy[NV];  // the row's token block stays in registers across its non-zeros
 #pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
-          for (; p < pe; ++p) {
-            const Vec* x = reinterpret_cast<const Vec*>(xt + int64_t(col[p]) * TB);
-            Vec s0 = dy[0] * x[0], s1 = Vec{};
-#pragma GCC unroll 16
-            for (int v = 1; v < NV; ++v) {
-              if (v % 2) s1 += dy[v] * x[v];
-              else s0 += dy[v] * x[v];
-            }
-            g[p] += hsum(s0 + s1);
-          }
+          auto xv = [&](int32_t pp) { return reinterpret_cast<const Vec*>(xt + int64_t(col[pp]) * TB); };
+          for (; p + 4 <= pe; p += 4)
+            add_hsum4(g + p, dot_vec<A, NV>(dy, xv(p)), dot_vec<A, NV>(dy, xv(p + 1)),
+                      dot_vec<A, NV>(dy, xv(p + 2)), dot_vec<A, NV>(dy, xv(p + 3)));
+          for (; p < pe; ++p) g[p] += hsum(dot_vec<A, NV>(dy, xv(p)));
         }
       }
     }
@@ -506,7 +537,7 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const int64_t TB = token_block(T);
   const Panels P = build_panels<I>("csr_sddmm", crow, col, in, all ? panel_width<A>(TB, in) : std::max<int64_t>(in, 1));
   if (T == 0 || n == 0) return g;
-  std::vector<A> dyt(size_t(out * TB)), xt(size_t(in * TB));
+  avec<A> dyt(size_t(out * TB)), xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const int64_t* sl = all ? nullptr : slots.data_ptr<int64_t>();
