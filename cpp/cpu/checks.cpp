@@ -110,4 +110,52 @@ void check_slots_cpu(const char* op, const at::Tensor& slots, int64_t nnz) {
   }
 }
 
+void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias, bool check_offsets) {
+  TORCH_CHECK(x.defined() && x.dim() >= 1, op, ": x must have at least 1 dimension");
+  check_csr(op, crow, col, &values, x.device(), check_offsets);
+  check_dense(op, "x", x, x.size(-1), values.scalar_type(), values.device());
+  if (bias && bias->defined()) {
+    const int64_t out = crow.numel() - 1;
+    TORCH_CHECK(bias->dim() == 1, op, ": bias must be 1-D of size out = ", out, ", got shape ", bias->sizes());
+    check_dense(op, "bias", *bias, out, values.scalar_type(), values.device());
+  }
+}
+
+void check_spmm_t_args(const char* op, const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
+                       const at::Tensor& values, int64_t in_features, bool check_offsets) {
+  TORCH_CHECK(grad_out.defined(), op, ": grad_out must be a tensor");
+  check_csr(op, crow, col, &values, grad_out.device(), check_offsets);
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  check_dense(op, "grad_out", grad_out, crow.numel() - 1, values.scalar_type(), values.device());
+}
+
+void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
+                      const at::Tensor& col, const std::optional<at::Tensor>& slots, bool check_offsets) {
+  TORCH_CHECK(x.defined() && x.dim() >= 1, op, ": x must have at least 1 dimension");
+  check_csr(op, crow, col, nullptr, x.device(), check_offsets);
+  TORCH_CHECK(is_supported_value_dtype(x.scalar_type()), op,
+              ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  check_dense(op, "grad_out", grad_out, crow.numel() - 1, x.scalar_type(), x.device());
+  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1), op,
+              ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same leading dimensions");
+  if (slots && slots->defined()) {
+    TORCH_CHECK(slots->device() == x.device(), op, ": slots is on ", slots->device(), " but x is on ", x.device());
+    TORCH_CHECK(slots->dim() == 1, op, ": slots must be 1-D, got shape ", slots->sizes());
+    TORCH_CHECK(slots->scalar_type() == at::kLong, op, ": slots must be int64, got ", slots->scalar_type());
+  }
+}
+
+at::Tensor as_2d(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)}).contiguous();
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> s(sizes.begin(), sizes.end());
+  s.back() = last;
+  return s;
+}
+
 }  // namespace seft

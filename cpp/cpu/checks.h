@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace seft {
 
@@ -22,5 +23,20 @@ void check_cols_cpu(const char* op, const at::Tensor& crow, const at::Tensor& co
 void check_slots_cpu(const char* op, const at::Tensor& slots, int64_t nnz);
 
 bool is_supported_value_dtype(at::ScalarType t);
+
+// Every argument of one op, by its metadata (shapes, dtypes, devices); crow's offsets too
+// with check_offsets (host memory only). Shared by the CPU and CUDA wrappers; the column
+// indices and slot values are checked by each device's own code.
+void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias, bool check_offsets);
+void check_spmm_t_args(const char* op, const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
+                       const at::Tensor& values, int64_t in_features, bool check_offsets);
+void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
+                      const at::Tensor& col, const std::optional<at::Tensor>& slots, bool check_offsets);
+
+// (..., n) -> (rows, n) contiguous; unlike reshape(-1, n) it also works for n == 0.
+at::Tensor as_2d(const at::Tensor& t);
+// sizes with the last entry replaced.
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last);
 
 }  // namespace seft

@@ -220,30 +220,18 @@ __global__ void sddmm_kernel(const int32_t* __restrict__ crow, const I* __restri
   }
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> s(sizes.begin(), sizes.end());
-  s.back() = last;
-  return s;
-}
-
 // ---------------------------------------------------------------- op wrappers
 at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias) {
   const char* op = "csr_spmm";
-  check_csr(op, crow, col, &values, x.device(), /*check_offsets=*/false);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension");
-  check_dense(op, "x", x, x.size(-1), values.scalar_type(), values.device());
+  check_spmm_args(op, x, crow, col, values, bias, /*check_offsets=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = x.size(-1), out = crow.numel() - 1;
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   check_on_device(op, crow_c, col_c, in, at::Tensor());
   at::Tensor b;
-  if (bias && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1, op, ": bias must be 1-D of size out = ", out, ", got shape ", bias->sizes());
-    check_dense(op, "bias", *bias, out, values.scalar_type(), values.device());
-    b = bias->contiguous();
-  }
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  if (bias && bias->defined()) b = bias->contiguous();
+  const at::Tensor x2 = as_2d(x);
   at::Tensor y = rows_spmm(x2, crow_c, col_c, values.contiguous(), b, out);
   return y.view(with_last(x.sizes(), out));
 }
@@ -251,14 +239,12 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::
 at::Tensor csr_spmm_t_cuda(const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& values, int64_t in_features) {
   const char* op = "csr_spmm_t";
-  check_csr(op, crow, col, &values, grad_out.device(), /*check_offsets=*/false);
+  check_spmm_t_args(op, grad_out, crow, col, values, in_features, /*check_offsets=*/false);
   const int64_t out = crow.numel() - 1;
-  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
-  check_dense(op, "grad_out", grad_out, out, values.scalar_type(), values.device());
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   check_on_device(op, crow_c, col_c, in_features, at::Tensor());
-  const at::Tensor dy = grad_out.reshape({-1, out}).contiguous();
+  const at::Tensor dy = as_2d(grad_out);
   const int64_t nnz = col_c.numel();
   const auto iopt = crow_c.options();  // int32 on the device
   // Transpose: a stable sort by column keeps each column's non-zeros in ascending row order.
@@ -278,26 +264,15 @@ at::Tensor csr_spmm_t_cuda(const at::Tensor& grad_out, const at::Tensor& crow, c
 at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                           const at::Tensor& col, const std::optional<at::Tensor>& slots) {
   const char* op = "csr_sddmm";
-  check_csr(op, crow, col, nullptr, x.device(), /*check_offsets=*/false);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension");
-  TORCH_CHECK(is_supported_value_dtype(x.scalar_type()), op,
-              ": x must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  check_sddmm_args(op, grad_out, x, crow, col, slots, /*check_offsets=*/false);
   const int64_t in = x.size(-1), out = crow.numel() - 1;
-  check_dense(op, "grad_out", grad_out, out, x.scalar_type(), x.device());
-  TORCH_CHECK(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1), op,
-              ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same leading dimensions");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   at::Tensor s;
-  if (slots && slots->defined()) {
-    TORCH_CHECK(slots->device() == x.device(), op, ": slots is on ", slots->device(), " but x is on ", x.device());
-    TORCH_CHECK(slots->dim() == 1, op, ": slots must be 1-D, got shape ", slots->sizes());
-    TORCH_CHECK(slots->scalar_type() == at::kLong, op, ": slots must be int64, got ", slots->scalar_type());
-    s = slots->contiguous();
-  }
+  if (slots && slots->defined()) s = slots->contiguous();
   check_on_device(op, crow_c, col_c, in, s);
-  const at::Tensor dy = grad_out.reshape({-1, out}).contiguous();
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  const at::Tensor dy = as_2d(grad_out);
+  const at::Tensor x2 = as_2d(x);
   const int64_t T = dy.size(0);
   const int64_t n = s.defined() ? s.numel() : col_c.numel();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
