@@ -63,7 +63,7 @@ if command -v nvcc >/dev/null 2>&1; then
 fi
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-  for c in python3 python /opt/torch/.venv/bin/python3; do
+  for c in python3 python; do
     if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then
       PY="$(command -v "$c")"
       break
@@ -74,7 +74,7 @@ PY="${PY:-python3}"
 CS="$(command -v compute-sanitizer 2>/dev/null || true)"
 if [ -z "$CS" ]; then
   for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
-           /usr/local/cuda-*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer; do
+           /usr/local/cuda-*/bin/compute-sanitizer; do
     if [ -x "$c" ]; then CS="$c"; break; fi
   done
 fi
