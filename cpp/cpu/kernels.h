@@ -1,6 +1,7 @@
 // The CPU kernel table of one instruction set: isa_<name>.cpp defines SEFT_ISA (the
 // namespace) and SEFT_ISA_NAME and includes this file with its own -m flags.
 #pragma once
+#include "dtype_dispatch.h"
 #include "cpu/csr_sddmm_kernel.h"
 #include "cpu/csr_spmm_kernel.h"
 #include "cpu/csr_spmm_t_kernel.h"
@@ -8,24 +9,7 @@
 namespace seft::cpu::SEFT_ISA {
 namespace {
 
-// ---------------------------------------------------------------- dtype dispatch
-template <typename F>
-void dispatch_types(at::ScalarType v, at::ScalarType idx, F&& f) {
-  auto with_index = [&](auto vtag) {
-    using V = typename decltype(vtag)::type;
-    if (idx == at::kShort) f(vtag, std::common_type<int16_t>{});
-    else f(vtag, std::common_type<int32_t>{});
-    (void)sizeof(V);
-  };
-  switch (v) {
-    case at::kFloat: with_index(std::common_type<float>{}); break;
-    case at::kDouble: with_index(std::common_type<double>{}); break;
-    case at::kBFloat16: with_index(std::common_type<c10::BFloat16>{}); break;
-    case at::kHalf: with_index(std::common_type<c10::Half>{}); break;
-    default: TORCH_CHECK(false, "seft: unsupported value dtype ", v);
-  }
-}
-
+// ---------------------------------------------------------------- entry points (dtype dispatch)
 at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                 const at::Tensor& values, const std::optional<at::Tensor>& bias) {
   at::Tensor y;

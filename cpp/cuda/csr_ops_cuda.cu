@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "dtype_dispatch.h"
 
 namespace seft::cuda {
 
@@ -158,21 +159,6 @@ __global__ void csr_rows_kernel(const int32_t* __restrict__ ptr, const I* __rest
       if (bias) s += static_cast<A>(bias[o]);
       y[w] = static_cast<V>(s);
     }
-  }
-}
-
-template <typename F>
-void dispatch_types(at::ScalarType v, at::ScalarType idx, F&& f) {
-  auto with_index = [&](auto vtag) {
-    if (idx == at::kShort) f(vtag, std::common_type<int16_t>{});
-    else f(vtag, std::common_type<int32_t>{});
-  };
-  switch (v) {
-    case at::kFloat: with_index(std::common_type<float>{}); break;
-    case at::kDouble: with_index(std::common_type<double>{}); break;
-    case at::kBFloat16: with_index(std::common_type<c10::BFloat16>{}); break;
-    case at::kHalf: with_index(std::common_type<c10::Half>{}); break;
-    default: TORCH_CHECK(false, "seft: unsupported value dtype ", v);
   }
 }
 
