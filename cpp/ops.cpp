@@ -18,6 +18,29 @@ TORCH_LIBRARY(seft, m) {
   // None). slots: int64, strictly increasing, in [0, nnz). Result in the accumulation dtype:
   // float64 for float64 inputs, float32 otherwise.
   m.def("csr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor? slots=None) -> Tensor");
+
+  // --- evolution (cpp/cpu/csr_grow_scan_cpu.cpp, csr_drop_grow_adapt_cpu.cpp, csr_slot_union_cpu.cpp) ---
+  // theta: the frozen base values [nnz]; delta_slots: int64, strictly increasing indices of
+  // the trainable delta's slots into the CSR arrays. Positions are flat: row * in + col.
+  // scope: "layer", "row" or "nm" (groups of nm_m inputs holding nm_n non-zeros).
+  //
+  // The first step of a window: streams G = dY^T X through row tiles and returns the
+  // tracked positions outside the delta (grow and prune candidates, sorted), G at them,
+  // the bytes it held at its peak, and whether G was finite (if not, nothing is tracked).
+  // sketch > 0: G estimated from CountSketches of the tokens to that many rows (seeded).
+  m.def("csr_grow_scan(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor theta, Tensor delta_slots, "
+        "int num_grow, int num_prune, str scope=\"layer\", int nm_n=2, int nm_m=4, bool grow_inactive=True, "
+        "int sketch=0, int seed=0) -> (Tensor, Tensor, int, bool)");
+  // Drop num_drop slots, grow as many at tracked positions, prune base-only positions so
+  // every budget unit keeps its count; in place. Returns (remap [k]: old slot or -1,
+  // counts [dropped, grown, reactivated, pruned, undropped]).
+  m.def("csr_drop_grow_adapt_(Tensor(a!) crow, Tensor(b!) col, Tensor(c!) theta, Tensor(d!) delta_slots, "
+        "Tensor(e!) delta, Tensor tracked, Tensor gsum, int num_drop, int in_features, str scope=\"layer\", "
+        "int nm_n=2, int nm_m=4, bool grow_inactive=True) -> (Tensor, Tensor)");
+  // The CSR pattern of the delta's positions and other sorted positions (disjoint), merged:
+  // (crow, col, where each slot landed, where each position landed).
+  m.def("csr_slot_union(Tensor crow, Tensor col, Tensor slots, Tensor positions, int in_features) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // Which CPU kernel set runs ("avx2" or "base"); pass "avx2", "base" or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
 }

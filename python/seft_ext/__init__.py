@@ -8,7 +8,13 @@ from ._lib import build_info
 from . import ops
 from .sparse import CSRWeight
 from .layer import SparseLinear
+from .config import SEFTConfig
+from .seft_linear import SEFTLinear
+from .evolve import SEFTController
+from .convert import convert_to_seft, seft_layers
+from . import prune
 
 __version__ = "0.1.0"
 
-__all__ = ["CSRWeight", "SparseLinear", "ops", "build_info", "__version__"]
+__all__ = ["CSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTController", "convert_to_seft",
+           "seft_layers", "prune", "ops", "build_info", "__version__"]

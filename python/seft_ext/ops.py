@@ -131,3 +131,76 @@ if _lib.load_error is None:
         return g_dy, g_x, None, None, None
 
     torch.library.register_autograd("seft::csr_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
+
+
+# ---------------------------------------------------------------- evolution ops
+def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor,
+                  num_grow: int, num_prune: int, scope: str = "layer", nm_n: int = 2, nm_m: int = 4,
+                  grow_inactive: bool = True, sketch: int = 0, seed: int = 0) -> tuple[Tensor, Tensor, int, bool]:
+    """The first step of an evolution window for one layer (CPU).
+
+    Streams ``G = dY^T X`` through row tiles and returns ``(tracked, g, workspace_bytes,
+    finite)``: the sorted flat positions (row * in + col) outside the delta that the window
+    will follow (the ``num_grow`` largest ``|G|``, and prune candidates with the smallest
+    ``|theta * G|``: ``num_prune`` per layer, ``ceil(num_prune / out)`` per row, or one swap
+    partner per N:M group of an inactive candidate), G at them, the bytes the op held at its
+    peak, and False (with nothing tracked) when G had NaN or Inf.
+
+    ``sketch > 0`` estimates G from CountSketches of the tokens down to ``sketch`` rows
+    (seeded by ``seed``; the GEMM then costs ``sketch / tokens`` of the exact one) and ``g``
+    is that estimate: use ``csr_sddmm`` at the tracked positions for exact values.
+    """
+    _lib.require_library()
+    return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope,
+                                        nm_n, nm_m, grow_inactive, sketch, seed)
+
+
+def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor, delta: Tensor,
+                         tracked: Tensor, gsum: Tensor, num_drop: int, in_features: int, scope: str = "layer",
+                         nm_n: int = 2, nm_m: int = 4, grow_inactive: bool = True) -> tuple[Tensor, Tensor]:
+    """One drop / grow / adapt step, in place on (crow, col, theta, delta_slots, delta) (CPU).
+
+    Drops the ``num_drop`` smallest ``|delta|``, grows as many at tracked positions with the
+    largest ``|gsum|`` (inactive ones only by swapping out a base-only weight of the same budget
+    unit), prunes the swapped-out weights with the smallest ``|theta * gsum|``; every unit keeps
+    its non-zero count. Returns ``(remap, counts)``: ``remap[new_slot]`` is the old slot or -1
+    for a grown one (value 0); counts = [dropped, grown, reactivated, pruned, undropped].
+    The full rules are in cpp/cpu/csr_drop_grow_adapt_cpu.cpp.
+    """
+    _lib.require_library()
+    return torch.ops.seft.csr_drop_grow_adapt_(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop,
+                                               in_features, scope, nm_n, nm_m, grow_inactive)
+
+
+def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
+                   in_features: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CSR pattern of the slots' positions and ``positions`` (sorted, disjoint from them),
+    merged (CPU). Returns ``(crow, col, at_slots, at_positions)``: the pattern and where each
+    slot / position landed in it."""
+    _lib.require_library()
+    return torch.ops.seft.csr_slot_union(crow, col, slots, positions, in_features)
+
+
+if _lib.load_error is None:
+
+    @torch.library.register_fake("seft::csr_slot_union")
+    def _csr_slot_union_fake(crow, col, slots, positions, in_features):
+        _same_device("csr_slot_union", crow=crow, col=col, slots=slots, positions=positions)
+        n = slots.shape[0] + positions.shape[0]
+        return crow.new_empty(crow.shape), col.new_empty((n,)), slots.new_empty(slots.shape), \
+            positions.new_empty(positions.shape)
+
+    @torch.library.register_fake("seft::csr_grow_scan")
+    def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+                            nm_n=2, nm_m=4, grow_inactive=True, sketch=0, seed=0):
+        _same_device("csr_grow_scan", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
+                     delta_slots=delta_slots)
+        n = torch.library.get_ctx().new_dynamic_size()
+        return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=acc_dtype(x.dtype)), 0, True)
+
+    @torch.library.register_fake("seft::csr_drop_grow_adapt_")
+    def _csr_drop_grow_adapt_fake(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop, in_features,
+                                  scope="layer", nm_n=2, nm_m=4, grow_inactive=True):
+        _same_device("csr_drop_grow_adapt_", crow=crow, col=col, theta=theta, delta_slots=delta_slots,
+                     delta=delta, tracked=tracked, gsum=gsum)
+        return delta_slots.new_empty(delta_slots.shape), delta_slots.new_empty((5,))

@@ -1,0 +1,61 @@
+"""Turn a model's nn.Linear layers into SEFTLinear (frozen sparse base + trainable delta)."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import SEFTConfig
+from .seft_linear import SEFTLinear
+
+
+def linear_names(model: nn.Module, target: Optional[Iterable[str]] = None,
+                 exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Names of the nn.Linear modules to convert: those whose name contains one of
+    ``target`` (None: all) and none of ``exclude``."""
+    target = None if target is None else tuple(target)
+    exclude = tuple(exclude)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and (target is None or any(t in n for t in target)) and not any(e in n for e in exclude)]
+
+
+def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Iterable[str]] = None,
+                    exclude: Iterable[str] = ("lm_head",), masks: Optional[dict[str, Tensor]] = None,
+                    dtype: Optional[torch.dtype] = None, freeze: bool = True) -> list[str]:
+    """Replace the selected nn.Linear modules in place; returns their names.
+
+    Each layer is pruned by ``masks[name]`` when given, else by magnitude at
+    ``config.sparsity`` in ``config.budget`` scope, and gets ``config.trainable_for(out, in)``
+    delta slots (positions drawn from seed ``config.seed + layer index``). With ``freeze``
+    every other parameter of the model stops requiring gradients: only the deltas train.
+    """
+    if not isinstance(config, SEFTConfig):
+        raise TypeError(f"convert_to_seft: config must be a SEFTConfig, got {type(config).__name__}")
+    names = linear_names(model, target, exclude)
+    if not names:
+        raise ValueError(f"convert_to_seft: no nn.Linear matches target={target} exclude={tuple(exclude)}")
+    masks = masks or {}
+    unknown = set(masks) - set(names)
+    if unknown:
+        raise ValueError(f"convert_to_seft: masks given for layers that are not converted: {sorted(unknown)[:3]}")
+    modules = dict(model.named_modules())
+    for i, name in enumerate(names):
+        parent_name, _, attr = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        try:
+            layer = SEFTLinear.from_linear(modules[name], config, masks.get(name), dtype=dtype, seed=config.seed + i)
+        except ValueError as e:
+            raise ValueError(f"convert_to_seft: layer {name!r}: {e}") from None
+        setattr(parent, attr, layer)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, SEFTLinear):
+                m.delta.requires_grad_(True)
+    return names
+
+
+def seft_layers(model: nn.Module) -> dict[str, SEFTLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SEFTLinear)}

@@ -1,0 +1,202 @@
+"""SEFTController: window statistics, schedule, drop / grow / adapt, optimizer state remap.
+
+Timeline (t = optimizer steps done, 1-based): an evolution step runs in ``step()`` after
+optimizer step t when ``t % update_interval == 0`` and ``t <= evolve_until * total_steps``.
+The backward passes of its last ``window = min(grow_accumulation, update_interval)``
+optimizer steps gather the statistics: the first one scans the streamed gradient for
+candidates (``csr_grow_scan``), the rest add G at them (``csr_sddmm``). The decision
+(``csr_drop_grow_adapt_``) is a pure function of (tracked positions, summed G), so that
+several processes can all-reduce them first and decide identically.
+
+Optimizer state: ``torch.optim.AdamW`` / ``Adam`` layout (``step``, ``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``). Every per-slot state tensor follows its slot; dropped
+slots lose theirs; grown slots start at 0, or with seed_optimizer, with moments whose
+bias-corrected values equal the window's mean g and mean g^2:
+``exp_avg = mean_g * (1 - beta1^step)``, ``exp_avg_sq = mean_g2 * (1 - beta2^step)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import SEFTConfig
+from .seft_linear import SEFTLinear
+
+log = logging.getLogger("seft_ext")
+
+COUNT_NAMES = ("dropped", "grown", "reactivated", "pruned", "undropped")
+
+
+class SEFTController:
+    """Drives the topology of every :class:`SEFTLinear` in ``model``.
+
+    Call :meth:`step` once after each ``optimizer.step()``. It returns None, or on an
+    evolution step a dict ``{layer name: {dropped, grown, reactivated, pruned, undropped}}``
+    (``{"skipped": reason}`` for a layer left untouched).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], config: SEFTConfig,
+                 total_steps: int):
+        if not isinstance(config, SEFTConfig):
+            raise TypeError(f"SEFTController: config must be a SEFTConfig, got {type(config).__name__}")
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"SEFTController: total_steps must be a positive int, got {total_steps}")
+        self.layers: "OrderedDict[str, SEFTLinear]" = OrderedDict(
+            (name, m) for name, m in model.named_modules() if isinstance(m, SEFTLinear))
+        if not self.layers:
+            raise ValueError("SEFTController: the model has no SEFTLinear layer; convert it first "
+                             "(seft_ext.convert_to_seft)")
+        if optimizer is not None:
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [n for n, m in self.layers.items() if id(m.delta) not in owned]
+            if missing:
+                raise ValueError(f"SEFTController: the optimizer does not hold the delta of {missing[:3]}"
+                                 f"{' ...' if len(missing) > 3 else ''}")
+        if config.method != "fixed":
+            off_cpu = [n for n, m in self.layers.items() if m.theta.device.type != "cpu"]
+            if off_cpu:
+                raise NotImplementedError(
+                    f"SEFTController: the evolution ops (csr_grow_scan, csr_drop_grow_adapt_) run on the CPU only "
+                    f"in this version, and {off_cpu[0]} is on {self.layers[off_cpu[0]].theta.device}; keep the "
+                    "model on the CPU or use method='fixed' (forward and backward run on CUDA)")
+        self.model, self.optimizer, self.config, self.total_steps = model, optimizer, config, total_steps
+        self.step_count = 0
+        self._warned: set[str] = set()
+        self.history: list[tuple[int, dict]] = []
+        self._arm()
+
+    # ------------------------------------------------------------------ schedule
+    def is_evolution_step(self, t: int) -> bool:
+        c = self.config
+        return (c.method != "fixed" and t % c.update_interval == 0 and t <= c.evolve_until * self.total_steps
+                and c.drop_fraction_at(t, self.total_steps) > 0)
+
+    def num_drop(self, layer: SEFTLinear, t: int) -> int:
+        return round(self.config.drop_fraction_at(t, self.total_steps) * layer.k)
+
+    def _next_evolution(self, t: int) -> Optional[int]:
+        e = math.ceil(t / self.config.update_interval) * self.config.update_interval
+        return e if self.is_evolution_step(e) else None
+
+    def _arm(self) -> None:
+        """Set each layer's collection mode for the next optimizer step's backward passes."""
+        t = self.step_count + 1
+        e = self._next_evolution(t)
+        collect = e is not None and e - t < self.config.window
+        for layer in self.layers.values():
+            n = self.num_drop(layer, e) if collect else 0
+            layer.collecting = n > 0
+            num_grow = math.ceil(self.config.candidate_factor * n)
+            layer.plan = (num_grow, num_grow if layer.grow_inactive else 0, self.config.scan_sketch,
+                          self.config.seed * 1_000_003 + (e or 0))
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> Optional[dict]:
+        """Call after each optimizer step."""
+        self.step_count += 1
+        t = self.step_count
+        for layer in self.layers.values():
+            if layer.collecting and layer.window.started:
+                layer.window.steps += 1
+        report = None
+        if self.is_evolution_step(t):
+            report = OrderedDict()
+            for name, layer in self.layers.items():
+                report[name] = self._evolve_layer(name, layer, t)
+                layer.window.reset()
+            self.history.append((t, report))
+            self._log(t, report)
+        self._arm()
+        return report
+
+    def _warn_once(self, name: str, msg: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"SEFT: {name}: {msg} (warned once per layer)", RuntimeWarning, stacklevel=3)
+
+    def _evolve_layer(self, name: str, layer: SEFTLinear, t: int) -> dict:
+        w = layer.window
+        n = self.num_drop(layer, t)
+        if n == 0:
+            return {"skipped": "nothing to drop"}
+        if not w.finite or (w.tracked is not None and not (torch.isfinite(w.gsum).all() and
+                                                            torch.isfinite(w.g2sum).all())):
+            self._warn_once(name, f"NaN or Inf in the window statistics at step {t}; evolution skipped, "
+                                  "topology and values untouched")
+            return {"skipped": "non-finite statistics"}
+        if not torch.isfinite(layer.delta).all():
+            self._warn_once(name, f"NaN or Inf in the delta at step {t}; evolution skipped")
+            return {"skipped": "non-finite delta"}
+        if w.tracked is None:
+            self._warn_once(name, f"no backward pass reached this layer in the window before step {t}; "
+                                  "evolution skipped")
+            return {"skipped": "no statistics"}
+        remap, counts = layer.evolve_(n, w.tracked, w.gsum)
+        self._remap_optimizer(layer, remap, w)
+        return dict(zip(COUNT_NAMES, counts.tolist()))
+
+    @torch.no_grad()
+    def _remap_optimizer(self, layer: SEFTLinear, remap: torch.Tensor, w) -> None:
+        p = layer.delta
+        p.grad = None  # computed for the old topology
+        state = self.optimizer.state.get(p) if self.optimizer is not None else None
+        if not state:
+            return
+        grown = remap < 0
+        src = remap.clamp(min=0)
+        for key, val in state.items():
+            if torch.is_tensor(val) and val.shape == p.shape:
+                new = val[src]
+                new[grown] = 0
+                val.copy_(new)
+        if not (self.config.seed_optimizer and bool(grown.any()) and "exp_avg" in state):
+            return
+        pos = layer.slot_positions()[grown]
+        idx = torch.searchsorted(w.tracked, pos)
+        steps = max(w.steps, 1)
+        mean_g = w.gsum[idx] / steps
+        mean_g2 = w.g2sum[idx] / w.count * (w.count / steps) ** 2  # per optimizer step
+        step = float(state["step"]) if "step" in state else 0.0
+        if step <= 0:
+            return
+        beta1, beta2 = next(g["betas"] for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+        state["exp_avg"][grown] = (mean_g * (1 - beta1 ** step)).to(p.dtype)
+        if "exp_avg_sq" in state:
+            state["exp_avg_sq"][grown] = (mean_g2 * (1 - beta2 ** step)).to(p.dtype)
+        if "max_exp_avg_sq" in state:
+            state["max_exp_avg_sq"][grown] = state["exp_avg_sq"][grown]
+
+    def _log(self, t: int, report: dict) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        tot = {k: sum(r.get(k, 0) for r in report.values()) for k in COUNT_NAMES}
+        skipped = sum("skipped" in r for r in report.values())
+        log.info("SEFT step %d: %s over %d layers (%d skipped)", t,
+                 ", ".join(f"{k} {v}" for k, v in tot.items()), len(report), skipped)
+
+    # ------------------------------------------------------------------ reporting / state
+    def window_bytes(self) -> dict:
+        """Per layer: bytes the window statistics hold now, and the scan's peak workspace."""
+        return {n: {"held": m.window.nbytes(), "scan_peak": m.window.scan_bytes} for n, m in self.layers.items()}
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps, "config": self.config.to_dict(),
+                "windows": {n: m.window.state_dict() for n, m in self.layers.items()},
+                "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError("SEFTController.load_state_dict: the saved config differs from this controller's")
+        if set(state["windows"]) != set(self.layers):
+            raise ValueError("SEFTController.load_state_dict: the saved layers differ from this model's")
+        self.step_count, self.total_steps = int(state["step_count"]), int(state["total_steps"])
+        self._warned = set(state["warned"])
+        for n, m in self.layers.items():
+            m.window.load_state_dict(state["windows"][n])
+        self._arm()
