@@ -10,7 +10,22 @@ from . import ops
 from .sparse import CSRWeight
 
 
-class SparseLinear(nn.Module):
+class CSRPatternMixin:
+    """nnz / sparsity of a module holding a CSR pattern in ``crow`` / ``col`` buffers."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.out_features * self.in_features)
+
+
+class SparseLinear(CSRPatternMixin, nn.Module):
     """``y = x W^T + b`` with W in CSR form (buffers ``crow``, ``col``; parameter ``values``).
 
     Forward and backward run on ``torch.ops.seft`` kernels; gradients reach x, ``values``
@@ -48,14 +63,6 @@ class SparseLinear(nn.Module):
     def weight(self) -> CSRWeight:
         """The CSR weight (shares storage with the module's tensors)."""
         return CSRWeight(self.crow, self.col, self.values.detach(), (self.out_features, self.in_features))
-
-    @property
-    def nnz(self) -> int:
-        return self.col.numel()
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.out_features * self.in_features)
 
     def to_dense(self) -> Tensor:
         """The dense weight matrix (out, in)."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import SEFTConfig
+from .layer import CSRPatternMixin
 from .prune import magnitude_mask
 from .sparse import CSRWeight
 
@@ -100,7 +101,7 @@ class _SEFTLinearFn(torch.autograd.Function):
         return gx, gd, gb, None
 
 
-class SEFTLinear(nn.Module):
+class SEFTLinear(CSRPatternMixin, nn.Module):
     """``y = x (theta + delta)^T + b``: frozen sparse base, trainable sparse delta (k slots).
 
     Build it with :meth:`from_linear` (magnitude pruning) or :meth:`from_csr`. Only
@@ -188,14 +189,6 @@ class SEFTLinear(nn.Module):
     @property
     def k(self) -> int:
         return self.delta.numel()
-
-    @property
-    def nnz(self) -> int:
-        return self.col.numel()
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.out_features * self.in_features)
 
     # ------------------------------------------------------------------ forward / window
     def forward(self, x: Tensor) -> Tensor:
