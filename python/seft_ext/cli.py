@@ -1,0 +1,246 @@
+"""The `seft` driver: prune a Hugging Face causal LM and repair it with sparse fine-tuning.
+
+    seft run  [options]   load -> evaluate dense -> prune -> evaluate -> fine-tune -> evaluate
+                          -> export; DIR/log.jsonl, DIR/summary.json, DIR/dense (HF folder)
+    seft eval --model DIR evaluate a model folder (held-out perplexity, task accuracy)
+
+`python -m seft_ext.cli ...` works too. Run `seft run --help` for the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="default", help="local Hugging Face folder, or 'default' (SmolLM2-135M-Instruct)")
+    common.add_argument("--data", default="default", help="local .txt / .jsonl files (comma-separated), or 'default'")
+    common.add_argument("--seq-len", type=int, default=256)
+    common.add_argument("--batch-size", type=int, default=4)
+    common.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (0: all)")
+    common.add_argument("--task-items", type=int, default=100, help="held-out WordNet items scored (0: skip the task)")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", default="seft_out", help="output folder")
+    common.add_argument("--no-progress", action="store_true")
+
+    run = sub.add_parser("run", parents=[common], help="the whole job")
+    run.add_argument("--sparsity", type=float, default=0.5)
+    run.add_argument("--pattern", choices=list(PATTERNS), default="row")
+    run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+    run.add_argument("--method", choices=["seft", "spiel", "fixed", "none"], default="seft")
+    run.add_argument("--steps", type=int, default=60)
+    run.add_argument("--lr", type=float, default=2e-4)
+    run.add_argument("--calib-windows", type=int, default=32)
+    run.add_argument("--update-interval", type=int, default=10)
+    run.add_argument("--lora-rank", type=int, default=8, help="trainable budget k = rank (in + out) per layer")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    run.add_argument("--device", default="cpu", help="cpu (the evolution ops run on the CPU in this version)")
+    run.add_argument("--no-export", action="store_true", help="skip writing the dense HF folder")
+
+    ev = sub.add_parser("eval", parents=[common], help="evaluate a model folder")
+    del ev
+    return p
+
+
+def _check_args(a) -> None:
+    if a.seq_len < 8 or a.batch_size < 1:
+        raise SystemExit("seft: --seq-len must be >= 8 and --batch-size >= 1")
+    if a.command == "run":
+        if not (0.0 <= a.sparsity < 1.0):
+            raise SystemExit(f"seft: --sparsity must be in [0, 1), got {a.sparsity}")
+        if a.steps < 0 or a.lr <= 0:
+            raise SystemExit("seft: --steps must be >= 0 and --lr > 0")
+        if a.device != "cpu":
+            raise SystemExit("seft: only --device cpu is supported in this version (the evolution ops are CPU-only)")
+
+
+def _evaluate(model, tok, heldout, a, progress) -> dict:
+    from .data import load_wordnet, multiple_choice_accuracy, perplexity, token_windows
+
+    bos = getattr(model.config, "model_type", "") == "gemma3_text" or "gemma" in getattr(model.config, "model_type", "")
+    w = token_windows(tok, heldout, a.seq_len, bos=bos)
+    if a.eval_windows:
+        w = w[:a.eval_windows]
+    res = {"ppl": perplexity(model, w, a.batch_size)}
+    if a.task_items and tok is not None:
+        res["acc"] = multiple_choice_accuracy(model, tok, load_wordnet("heldout"), limit=a.task_items)
+    return res
+
+
+def _sparsity(model) -> float:
+    from .convert import seft_layers
+
+    layers = seft_layers(model)
+    if layers:
+        nnz = sum(l.nnz for l in layers.values())
+        return 1.0 - nnz / sum(l.out_features * l.in_features for l in layers.values())
+    from .prune_llm import decoder_layers
+
+    ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def export_dense(model, tokenizer, folder: Path) -> None:
+    """Replace every SEFTLinear by an nn.Linear holding theta + delta and save a plain HF folder."""
+    from .convert import seft_layers
+
+    for name, layer in seft_layers(model).items():
+        parent, _, attr = name.rpartition(".")
+        lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              dtype=layer.theta.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(layer.to_dense())
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias)
+        setattr(model.get_submodule(parent) if parent else model, attr, lin)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def cmd_run(a) -> int:
+    from .config import SEFTConfig
+    from .convert import convert_to_seft
+    from .data import load_text, token_windows
+    from .evolve import SEFTController
+    from .models import load_model
+    from .prune_llm import prune_model
+
+    progress = not a.no_progress
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+    say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
+    model, tok = load_model(a.model, DTYPES[a.dtype], progress)
+    if tok is None:
+        raise SystemExit(f"seft: --model {a.model} has no tokenizer")
+    train_text, heldout = load_text(a.data)
+    summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
+               "sparsity_target": a.sparsity, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
+               "lr": a.lr, "seed": a.seed, "threads": torch.get_num_threads()}
+    say("evaluating the dense model")
+    dense = _evaluate(model, tok, heldout, a, progress)
+    summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
+    train = token_windows(tok, train_text, a.seq_len)
+    scope, nm = PATTERNS[a.pattern]
+    g = torch.Generator().manual_seed(a.seed)
+    calib = train[torch.randperm(train.shape[0], generator=g)[:a.calib_windows]]
+    say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
+    masks = prune_model(model, a.prune, a.sparsity, scope, nm,
+                        calibration=[calib[i:i + a.batch_size] for i in range(0, calib.shape[0], a.batch_size)],
+                        progress=progress)
+    pruned = _evaluate(model, tok, heldout, a, progress)
+    summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"))
+    changes, train_seconds = 0, 0.0
+    if a.method != "none" and a.steps > 0:
+        cfg = SEFTConfig(sparsity=a.sparsity, budget=scope, nm_n=nm[0], nm_m=nm[1], method=a.method,
+                         update_interval=a.update_interval, lora_rank=a.lora_rank, seed=a.seed)
+        convert_to_seft(model, cfg, masks=masks)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
+        ctl = SEFTController(model, opt, cfg, a.steps)
+        model.train()
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=a.steps, desc=f"train {a.method}", unit="step", disable=not progress)
+        except ImportError:  # pragma: no cover
+            bar = None
+        t0 = time.time()
+        with open(out / "log.jsonl", "w") as log:
+            for step in range(1, a.steps + 1):
+                idx = torch.randint(0, train.shape[0], (a.batch_size,), generator=g)
+                loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                report = ctl.step()
+                if report:
+                    changes += sum(r.get("grown", 0) for r in report.values())
+                if step % a.log_every == 0 or step == a.steps:
+                    log.write(json.dumps({"step": step, "loss": round(loss.item(), 5),
+                                          "seconds": round(time.time() - t0, 2), "topology_changes": changes}) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.close()
+        train_seconds = time.time() - t0
+    final = _evaluate(model, tok, heldout, a, progress)
+    summary.update(ppl_final=final["ppl"], acc_final=final.get("acc"), sparsity_final=_sparsity(model),
+                   topology_changes=changes, train_seconds=round(train_seconds, 2),
+                   total_seconds=round(time.time() - t_start, 2), peak_memory_bytes=_peak_rss())
+    if not a.no_export:
+        export_dense(model, tok, out / "dense")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    _print_summary(summary)
+    return 0
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):  # pragma: no cover
+        return -1
+
+
+def _print_summary(s: dict) -> None:
+    def f(v, pct=False):
+        return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.2f}")
+
+    print(f"\n{'':10}{'perplexity':>12}{'accuracy':>10}")
+    for stage in ("dense", "pruned", "final"):
+        print(f"{stage:10}{f(s.get('ppl_' + stage)):>12}{f(s.get('acc_' + stage), True):>10}")
+    print(f"method {s['method']}, prune {s['prune']} {s['pattern']}, sparsity {s['sparsity_final']:.3f} "
+          f"(target {s['sparsity_target']}), {s['steps']} steps in {s['train_seconds']} s, "
+          f"{s['topology_changes']} grown entries, {s['total_seconds']} s in all", flush=True)
+
+
+def cmd_eval(a) -> int:
+    from .data import load_text
+    from .models import load_model
+
+    model, tok = load_model(a.model, progress=not a.no_progress)
+    _, heldout = load_text(a.data)
+    res = _evaluate(model, tok, heldout, a, not a.no_progress)
+    res["sparsity"] = _sparsity(model)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    _check_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        return {"run": cmd_run, "eval": cmd_eval}[a.command](a)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError) as e:
+        print(f"seft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

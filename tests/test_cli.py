@@ -1,0 +1,85 @@
+"""The `seft` driver end to end on a tiny randomly initialised LLaMA (prune -> train ->
+export -> reload), and its refusals."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from seft_ext.cli import main  # noqa: E402
+
+TEXT = " ".join(f"the {a} {b} went to the {c} and saw a {a}." for a in ("cat", "dog", "bird", "fish")
+                for b in ("quickly", "slowly", "happily") for c in ("market", "river", "garden", "house")) * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], tokenizers.trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    fast.save_pretrained(d)
+    data = d / "text.txt"
+    data.write_text(TEXT.replace(". ", ".\n"))
+    return d, data
+
+
+@pytest.mark.parametrize("prune, pattern, method", [("wanda", "row", "seft"), ("sparsegpt", "2:4", "spiel"),
+                                                    ("magnitude", "unstructured", "fixed")])
+def test_run_end_to_end(tiny_model_dir, tmp_path, prune, pattern, method):
+    d, data = tiny_model_dir
+    out = tmp_path / "out"
+    rc = main(["run", "--model", str(d), "--data", str(data), "--sparsity", "0.5", "--pattern", pattern,
+               "--prune", prune, "--method", method, "--steps", "12", "--seq-len", "16", "--batch-size", "4",
+               "--lr", "1e-2", "--update-interval", "4", "--lora-rank", "1", "--calib-windows", "8",
+               "--eval-windows", "4", "--task-items", "0", "--log-every", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("method", "prune", "sparsity_target", "sparsity_final", "ppl_dense", "ppl_pruned", "ppl_final",
+                "steps", "train_seconds", "peak_memory_bytes", "topology_changes"):
+        assert key in s, key
+    assert s["sparsity_final"] == pytest.approx(0.5)
+    assert s["ppl_final"] < s["ppl_pruned"]  # 12 steps on repetitive text repair the pruned model
+    logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [4, 8, 12]
+    if method == "fixed":
+        assert s["topology_changes"] == 0
+    # the exported dense folder reloads, keeps the sparsity and gives the final perplexity
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "dense")
+    ws = [m.weight for n, m in reloaded.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+    assert zeros == pytest.approx(0.5, abs=1e-3)  # (a kept weight is exactly 0 only by chance)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "/nonexistent/model"], "no such folder"),
+    (["--data", "/nonexistent.txt"], "no such file"),
+    (["--sparsity", "1.0"], "sparsity"),
+])
+def test_run_refuses_bad_input(tiny_model_dir, tmp_path, capsys, args, match):
+    d, data = tiny_model_dir
+    base = ["run", "--model", str(d), "--data", str(data), "--steps", "1", "--seq-len", "16", "--out",
+            str(tmp_path / "o"), "--no-progress", "--task-items", "0"]
+    try:
+        rc = main(base + args)
+    except SystemExit as e:
+        rc, msg = 2, str(e)
+    else:
+        msg = capsys.readouterr().err
+    assert rc == 2 and match in msg
+
+
+def test_empty_data_file(tiny_model_dir, tmp_path, capsys):
+    d, _ = tiny_model_dir
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc = main(["run", "--model", str(d), "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "empty" in capsys.readouterr().err
