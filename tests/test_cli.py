@@ -83,3 +83,60 @@ def test_empty_data_file(tiny_model_dir, tmp_path, capsys):
     empty.write_text("")
     rc = main(["run", "--model", str(d), "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2 and "empty" in capsys.readouterr().err
+
+
+def _run_args(d, data, out, *extra):
+    return ["run", "--model", str(d), "--data", str(data), "--sparsity", "0.5", "--pattern", "row", "--prune",
+            "wanda", "--method", "seft", "--steps", "12", "--seq-len", "16", "--batch-size", "4", "--lr", "1e-2",
+            "--update-interval", "4", "--lora-rank", "1", "--calib-windows", "8", "--eval-windows", "4",
+            "--task-items", "0", "--log-every", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def test_resume_from_a_checkpoint_is_exact(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+    d, data = tiny_model_dir
+    straight = tmp_path / "straight"
+    assert main(_run_args(d, data, straight, "--checkpoint-every", "3")) == 0
+    ckpts = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert ckpts == ["step-12.json", "step-12.safetensors", "step-9.json", "step-9.safetensors"]  # keeps 2
+    straight = tmp_path / "straight2"
+    assert main(_run_args(d, data, straight, "--checkpoint-every", "3", "--keep-checkpoints", "4")) == 0
+    # resume a copy from step 3: an evolution window (steps 1-4, evolution at 4) is in flight
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for step in (6, 9, 12):
+        for suffix in (".json", ".safetensors"):
+            (resumed / "checkpoints" / f"step-{step}{suffix}").unlink()
+    info = json.loads((resumed / "checkpoints" / "step-3.json").read_text())
+    assert info["windows"]["model.layers.0.self_attn.q_proj"]["count"] == 3  # scanned at 1, tracked at 2, 3
+    shutil.rmtree(resumed / "dense")
+    assert main(_run_args(d, data, resumed, "--resume", str(resumed))) == 0
+    a = load_file(str(straight / "dense" / "model.safetensors"))
+    b = load_file(str(resumed / "dense" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    s1 = json.loads((straight / "summary.json").read_text())
+    s2 = json.loads((resumed / "summary.json").read_text())
+    assert s1["ppl_final"] == s2["ppl_final"] and s1["topology_changes"] == s2["topology_changes"]
+
+
+def test_resume_refuses_changed_config_and_damaged_checkpoints(tiny_model_dir, tmp_path, capsys):
+    d, data = tiny_model_dir
+    out = tmp_path / "run"
+    assert main(_run_args(d, data, out, "--checkpoint-every", "6")) == 0
+    assert main(_run_args(d, data, out, "--resume", str(out), "--lr", "5e-3")) == 2
+    assert "different configuration" in capsys.readouterr().err
+    # a modified newest tensor file: the older intact checkpoint is used, with a warning
+    newest = out / "checkpoints" / "step-12.safetensors"
+    raw = bytearray(newest.read_bytes())
+    raw[-1] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match="truncated or modified"):
+        assert main(_run_args(d, data, out, "--resume", str(out))) == 0
+    # nothing intact left: a clear error
+    (out / "checkpoints" / "step-6.safetensors").write_bytes(b"")
+    assert main(_run_args(d, data, out, "--resume", str(out))) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err

@@ -50,10 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     run.add_argument("--device", default="cpu", help="cpu (the evolution ops run on the CPU in this version)")
     run.add_argument("--no-export", action="store_true", help="skip writing the dense HF folder")
+    run.add_argument("--checkpoint-every", type=int, default=0,
+                     help="write DIR/checkpoints/step-N.{safetensors,json} every N steps (0: never)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    run.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR/checkpoints")
 
     ev = sub.add_parser("eval", parents=[common], help="evaluate a model folder")
     del ev
     return p
+
+
+RESUME_KEYS = ("model", "data", "sparsity", "pattern", "prune", "method", "steps", "seq_len", "batch_size", "lr",
+               "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
 
 
 def _check_args(a) -> None:
@@ -64,6 +72,8 @@ def _check_args(a) -> None:
             raise SystemExit(f"seft: --sparsity must be in [0, 1), got {a.sparsity}")
         if a.steps < 0 or a.lr <= 0:
             raise SystemExit("seft: --steps must be >= 0 and --lr > 0")
+        if a.checkpoint_every < 0 or a.keep_checkpoints < 1:
+            raise SystemExit("seft: --checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
         if a.device != "cpu":
             raise SystemExit("seft: only --device cpu is supported in this version (the evolution ops are CPU-only)")
 
@@ -118,6 +128,7 @@ def export_dense(model, tokenizer, folder: Path) -> None:
 
 
 def cmd_run(a) -> int:
+    from . import checkpoint
     from .config import SEFTConfig
     from .convert import convert_to_seft
     from .data import load_text, token_windows
@@ -127,46 +138,70 @@ def cmd_run(a) -> int:
 
     progress = not a.no_progress
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     t_start = time.time()
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
+    run_args = {k: getattr(a, k) for k in RESUME_KEYS}
+    resume = None
+    if a.resume:
+        info, tensor_file = checkpoint.latest(Path(a.resume))
+        saved = info["meta"]["args"]
+        diff = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {run_args[k]!r}" for k in RESUME_KEYS
+                if saved.get(k) != run_args[k]]
+        if diff:
+            raise ValueError("--resume with a different configuration: " + "; ".join(diff))
+        resume = (info, tensor_file)
+    out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(a.model, DTYPES[a.dtype], progress)
     if tok is None:
         raise SystemExit(f"seft: --model {a.model} has no tokenizer")
     train_text, heldout = load_text(a.data)
-    summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
-               "sparsity_target": a.sparsity, "steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
-               "lr": a.lr, "seed": a.seed, "threads": torch.get_num_threads()}
-    say("evaluating the dense model")
-    dense = _evaluate(model, tok, heldout, a, progress)
-    summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
     train = token_windows(tok, train_text, a.seq_len)
     scope, nm = PATTERNS[a.pattern]
     g = torch.Generator().manual_seed(a.seed)
-    calib = train[torch.randperm(train.shape[0], generator=g)[:a.calib_windows]]
-    say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
-    masks = prune_model(model, a.prune, a.sparsity, scope, nm,
-                        calibration=[calib[i:i + a.batch_size] for i in range(0, calib.shape[0], a.batch_size)],
-                        progress=progress)
-    pruned = _evaluate(model, tok, heldout, a, progress)
-    summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"))
-    changes, train_seconds = 0, 0.0
+    cfg = SEFTConfig(sparsity=a.sparsity, budget=scope, nm_n=nm[0], nm_m=nm[1],
+                     method=a.method if a.method != "none" else "fixed", update_interval=a.update_interval,
+                     lora_rank=a.lora_rank, seed=a.seed)
+    if resume is None:
+        summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
+                   "sparsity_target": a.sparsity, "steps": a.steps, "seq_len": a.seq_len,
+                   "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "threads": torch.get_num_threads()}
+        say("evaluating the dense model")
+        dense = _evaluate(model, tok, heldout, a, progress)
+        summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
+        calib = train[torch.randperm(train.shape[0], generator=g)[:a.calib_windows]]
+        say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
+        masks = prune_model(model, a.prune, a.sparsity, scope, nm,
+                            calibration=[calib[i:i + a.batch_size] for i in range(0, calib.shape[0], a.batch_size)],
+                            progress=progress)
+        pruned = _evaluate(model, tok, heldout, a, progress)
+        summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"), topology_changes=0,
+                       train_seconds=0.0)
+        start = 1
+    else:
+        info, tensor_file = resume
+        summary = info["meta"]["summary"]
+        say(f"resuming from step {info['step']} of {a.resume}")
+        tensors = checkpoint.restore(info, tensor_file, model)
+        start = info["step"] + 1
+    train_seconds = summary["train_seconds"]
     if a.method != "none" and a.steps > 0:
-        cfg = SEFTConfig(sparsity=a.sparsity, budget=scope, nm_n=nm[0], nm_m=nm[1], method=a.method,
-                         update_interval=a.update_interval, lora_rank=a.lora_rank, seed=a.seed)
-        convert_to_seft(model, cfg, masks=masks)
+        if resume is None:
+            convert_to_seft(model, cfg, masks=masks)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
         ctl = SEFTController(model, opt, cfg, a.steps)
+        if resume is not None:
+            checkpoint.restore_training(info, tensors, opt, ctl, g)
         model.train()
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(total=a.steps, desc=f"train {a.method}", unit="step", disable=not progress)
+            bar = tqdm(total=a.steps, initial=start - 1, desc=f"train {a.method}", unit="step",
+                       disable=not progress)
         except ImportError:  # pragma: no cover
             bar = None
-        t0 = time.time()
-        with open(out / "log.jsonl", "w") as log:
-            for step in range(1, a.steps + 1):
+        t0 = time.time() - train_seconds
+        with open(out / "log.jsonl", "a" if resume else "w") as log:
+            for step in range(start, a.steps + 1):
                 idx = torch.randint(0, train.shape[0], (a.batch_size,), generator=g)
                 loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
                 loss.backward()
@@ -174,11 +209,16 @@ def cmd_run(a) -> int:
                 opt.zero_grad(set_to_none=True)
                 report = ctl.step()
                 if report:
-                    changes += sum(r.get("grown", 0) for r in report.values())
+                    summary["topology_changes"] += sum(r.get("grown", 0) for r in report.values())
                 if step % a.log_every == 0 or step == a.steps:
                     log.write(json.dumps({"step": step, "loss": round(loss.item(), 5),
-                                          "seconds": round(time.time() - t0, 2), "topology_changes": changes}) + "\n")
+                                          "seconds": round(time.time() - t0, 2),
+                                          "topology_changes": summary["topology_changes"]}) + "\n")
                     log.flush()
+                if a.checkpoint_every and (step % a.checkpoint_every == 0 or step == a.steps):
+                    summary["train_seconds"] = round(time.time() - t0, 2)
+                    checkpoint.save(out, step, model, opt, ctl, g, {"args": run_args, "summary": summary},
+                                    keep=a.keep_checkpoints)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -187,8 +227,8 @@ def cmd_run(a) -> int:
         train_seconds = time.time() - t0
     final = _evaluate(model, tok, heldout, a, progress)
     summary.update(ppl_final=final["ppl"], acc_final=final.get("acc"), sparsity_final=_sparsity(model),
-                   topology_changes=changes, train_seconds=round(train_seconds, 2),
-                   total_seconds=round(time.time() - t_start, 2), peak_memory_bytes=_peak_rss())
+                   train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
+                   peak_memory_bytes=_peak_rss())
     if not a.no_export:
         export_dense(model, tok, out / "dense")
     tmp = out / "summary.json.tmp"
