@@ -33,7 +33,8 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("prune, pattern, method", [("wanda", "row", "seft"), ("sparsegpt", "2:4", "spiel"),
-                                                    ("magnitude", "unstructured", "fixed")])
+                                                    ("magnitude", "unstructured", "fixed"),
+                                                    ("wanda", "row", "masked-dense")])
 def test_run_end_to_end(tiny_model_dir, tmp_path, prune, pattern, method):
     d, data = tiny_model_dir
     out = tmp_path / "out"

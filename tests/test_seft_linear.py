@@ -136,3 +136,26 @@ def test_convert_keeps_exact_sparsity(budget):
         convert_to_seft(nn.Sequential(nn.Linear(4, 4)), SEFTConfig(sparsity=0.9, lora_rank=8))
     with pytest.raises(ValueError, match="no nn.Linear"):
         convert_to_seft(nn.Sequential(nn.ReLU()), SEFTConfig())
+
+
+def test_masked_dense_baseline_matches_the_sparse_path():
+    layer, _ = layer_and_dense()
+    twin, _ = layer_and_dense()
+    twin.load_state_dict(layer.state_dict())
+    twin.dense_compute = True
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    dy = torch.randn(3, 5, 9, dtype=torch.float64)
+    for m in (layer, twin):
+        m.collecting, m.plan = True, (8, 8, 0, 0)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ys = [m(xx) for m, xx in zip((layer, twin), xs)]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)
+    for y in ys:
+        y.backward(dy)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.delta.grad, twin.delta.grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.window.tracked, twin.window.tracked)
+    for m in (layer, twin):
+        m.evolve_(4, m.window.tracked, m.window.gsum)
+    for name in ("crow", "col", "theta", "delta_slots", "delta"):
+        assert torch.equal(getattr(layer, name), getattr(twin, name))

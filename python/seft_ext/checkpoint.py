@@ -78,7 +78,8 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
     info = {"step": step, "meta": meta, "sha256": _sha256(st), "optimizer_groups": groups, "controller": ctl,
             "windows": win_scalars, "layers": {n: {"shape": [l.out_features, l.in_features], "k": l.k,
                                                    "budget": l.budget, "nm": [l.nm_n, l.nm_m],
-                                                   "method": l.method} for n, l in layers.items()}}
+                                                   "method": l.method, "dense_compute": l.dense_compute}
+                                               for n, l in layers.items()}}
     _write_atomic(folder / f"step-{step}.json", lambda p: p.write_text(json.dumps(info, indent=1, default=str)))
     for old in sorted(_steps(folder))[:-keep]:
         for suffix in (".json", ".safetensors"):
@@ -133,6 +134,7 @@ def restore(info: dict, tensor_file: Path, model: nn.Module) -> dict[str, torch.
         get = lambda f: tensors.get(f"model.{name}.{f}")  # noqa: E731
         base = CSRWeight(get("crow"), get("col"), get("theta"), tuple(spec["shape"]))
         layer = SEFTLinear(base, spec["k"], get("bias"), spec["budget"], tuple(spec["nm"]), spec["method"])
+        layer.dense_compute = bool(spec.get("dense_compute", False))
         with torch.no_grad():
             layer.delta_slots.copy_(get("delta_slots"))
             layer.delta.copy_(get("delta"))

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", choices=list(PATTERNS), default="row")
     run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
-    run.add_argument("--method", choices=["seft", "spiel", "fixed", "none"], default="seft")
+    run.add_argument("--method", choices=["seft", "spiel", "fixed", "masked-dense", "none"], default="seft",
+                     help="masked-dense: the SEFT steps with dense weights x mask and dense gradients (the "
+                          "paper's own way; a speed and memory reference)")
     run.add_argument("--steps", type=int, default=60)
     run.add_argument("--lr", type=float, default=2e-4)
     run.add_argument("--calib-windows", type=int, default=32)
@@ -160,7 +162,8 @@ def cmd_run(a) -> int:
     scope, nm = PATTERNS[a.pattern]
     g = torch.Generator().manual_seed(a.seed)
     cfg = SEFTConfig(sparsity=a.sparsity, budget=scope, nm_n=nm[0], nm_m=nm[1],
-                     method=a.method if a.method != "none" else "fixed", update_interval=a.update_interval,
+                     method={"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method),
+                     update_interval=a.update_interval,
                      lora_rank=a.lora_rank, seed=a.seed)
     if resume is None:
         summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
@@ -187,7 +190,7 @@ def cmd_run(a) -> int:
     train_seconds = summary["train_seconds"]
     if a.method != "none" and a.steps > 0:
         if resume is None:
-            convert_to_seft(model, cfg, masks=masks)
+            convert_to_seft(model, cfg, masks=masks, dense_compute=a.method == "masked-dense")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
         ctl = SEFTController(model, opt, cfg, a.steps)
         if resume is not None:

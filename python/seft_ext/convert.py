@@ -22,13 +22,16 @@ def linear_names(model: nn.Module, target: Optional[Iterable[str]] = None,
 
 def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Iterable[str]] = None,
                     exclude: Iterable[str] = ("lm_head",), masks: Optional[dict[str, Tensor]] = None,
-                    dtype: Optional[torch.dtype] = None, freeze: bool = True) -> list[str]:
+                    dtype: Optional[torch.dtype] = None, freeze: bool = True,
+                    dense_compute: bool = False) -> list[str]:
     """Replace the selected nn.Linear modules in place; returns their names.
 
     Each layer is pruned by ``masks[name]`` when given, else by magnitude at
     ``config.sparsity`` in ``config.budget`` scope, and gets ``config.trainable_for(out, in)``
     delta slots (positions drawn from seed ``config.seed + layer index``). With ``freeze``
     every other parameter of the model stops requiring gradients: only the deltas train.
+    ``dense_compute``: the masked-dense baseline (same layers and evolution, dense matmuls and
+    dense gradients).
     """
     if not isinstance(config, SEFTConfig):
         raise TypeError(f"convert_to_seft: config must be a SEFTConfig, got {type(config).__name__}")
@@ -47,6 +50,7 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
             layer = SEFTLinear.from_linear(modules[name], config, masks.get(name), dtype=dtype, seed=config.seed + i)
         except ValueError as e:
             raise ValueError(f"convert_to_seft: layer {name!r}: {e}") from None
+        layer.dense_compute = dense_compute
         setattr(parent, attr, layer)
     if freeze:
         for p in model.parameters():

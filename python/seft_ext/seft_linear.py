@@ -71,6 +71,34 @@ class WindowStats:
         self.count, self.steps, self.finite, self.scan_bytes = d["count"], d["steps"], d["finite"], d["scan_bytes"]
 
 
+class _MaskedDenseFn(torch.autograd.Function):
+    """The masked-dense baseline: W = theta + delta as a dense (out, in) matrix, dense matmuls
+    and the full dense gradient dY^T X every step (how the paper's own code works); the delta
+    takes its entries of it. Evolution uses the same window statistics and decision."""
+
+    @staticmethod
+    def forward(ctx, x, delta, bias, layer):
+        w = layer.dense_weight(delta)
+        ctx.save_for_backward(x, w)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        layer = ctx.layer
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        gx = dy @ w if ctx.needs_input_grad[0] else None
+        dense_grad = dy2.T.to(layer.delta.dtype) @ x2.to(layer.delta.dtype)  # (out, in), every step
+        gd = dense_grad.view(-1)[layer.slot_positions()]
+        if layer.collecting and layer.window.finite:
+            layer.accumulate_window(x2, dy2)
+        gb = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gd, gb, None
+
+
 class _SEFTLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, bias, layer):
@@ -146,6 +174,7 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self.collecting = False
+        self.dense_compute = False  # True: the masked-dense baseline (dense matmuls and gradients)
         self.plan = (0, 0, 0, 0)  # (num_grow, num_prune, sketch, seed) for the window's scan
         self.window = WindowStats()
 
@@ -181,6 +210,14 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
     def to_dense(self) -> Tensor:
         return self.merged().to_dense()
 
+    def dense_weight(self, delta: Optional[Tensor] = None) -> Tensor:
+        """theta + delta as a dense (out, in) matrix in the layer's dtype (masked-dense baseline)."""
+        w = torch.zeros(self.out_features * self.in_features, dtype=self.theta.dtype, device=self.theta.device)
+        rows = torch.searchsorted(self.crow, torch.arange(self.nnz, dtype=self.crow.dtype, device=self.crow.device),
+                                  right=True) - 1
+        w[rows.long() * self.in_features + self.col.long()] = self.effective_values(delta)
+        return w.view(self.out_features, self.in_features)
+
     def slot_positions(self) -> Tensor:
         """Flat positions (row * in + col) of the delta slots."""
         rows = torch.searchsorted(self.crow, self.delta_slots.to(self.crow.dtype), right=True) - 1
@@ -197,7 +234,8 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
                              f"got shape {tuple(x.shape)}")
         if x.dtype != self.theta.dtype:
             raise ValueError(f"SEFTLinear: x has dtype {x.dtype} but the layer is {self.theta.dtype}")
-        return _SEFTLinearFn.apply(x, self.delta, self.bias, self)
+        fn = _MaskedDenseFn if self.dense_compute else _SEFTLinearFn
+        return fn.apply(x, self.delta, self.bias, self)
 
     @property
     def grow_inactive(self) -> bool:

@@ -1,0 +1,90 @@
+"""The accuracy study: SmolLM2-135M-Instruct pruned by Wanda, repaired by each method under
+the same steps, data, seed and trainable budget; held-out perplexity and WordNet accuracy.
+
+    python bench/accuracy.py --sparsities 0.5 0.7 --steps 60 --out bench/results/accuracy_runs
+
+Each (sparsity, method) is one `seft run` (its folder keeps summary.json and log.jsonl);
+`none` is the pruned model before training (read from the first run of that sparsity).
+Writes bench/results/accuracy.md (and accuracy.png when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+METHODS = ["fixed", "spiel", "seft", "masked-dense"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--task-items", type=int, default=100)
+    ap.add_argument("--out", default="bench/results/accuracy_runs")
+    ap.add_argument("--md", default="bench/results/accuracy.md")
+    args = ap.parse_args()
+    rows = []
+    for s in args.sparsities:
+        for seed in args.seeds:
+            for m in args.methods:
+                out = Path(args.out) / f"s{int(s * 100)}_{m}_seed{seed}"
+                if not (out / "summary.json").is_file():
+                    cmd = [sys.executable, "-m", "seft_ext.cli", "run", "--sparsity", str(s), "--method", m,
+                           "--steps", str(args.steps), "--seed", str(seed), "--eval-windows", str(args.eval_windows),
+                           "--task-items", str(args.task_items), "--no-export", "--no-progress", "--out", str(out)]
+                    print(" ".join(cmd), flush=True)
+                    subprocess.run(cmd, check=True)
+                rows.append(json.loads((out / "summary.json").read_text()))
+    lines = [f"# Accuracy study ({datetime.date.today().isoformat()})", "",
+             f"- machine: {platform.machine()}, torch {torch.__version__}; command: `python {' '.join(sys.argv)}`",
+             f"- SmolLM2-135M-Instruct, Wanda per row, {args.steps} steps of 4 x 256 tokens, lr 2e-4, trainable "
+             "budget k = 8 (in + out) per layer, seeds " + ", ".join(map(str, args.seeds)),
+             f"- perplexity on {args.eval_windows} held-out windows of 256 tokens (Ruth, Esther, Jonah); accuracy "
+             f"on {args.task_items} held-out WordNet items (4 options)", "",
+             "| sparsity | method | seed | perplexity | WordNet accuracy | train s | grown entries |",
+             "|---|---|---|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        key = (r["sparsity_target"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"| {r['sparsity_target']:.0%} | dense | {r['seed']} | {r['ppl_dense']:.2f} | "
+                         f"{(r['acc_dense'] or 0):.1%} | - | - |")
+            lines.append(f"| {r['sparsity_target']:.0%} | none (pruned) | {r['seed']} | {r['ppl_pruned']:.2f} | "
+                         f"{(r['acc_pruned'] or 0):.1%} | - | - |")
+        lines.append(f"| {r['sparsity_target']:.0%} | {r['method']} | {r['seed']} | {r['ppl_final']:.2f} | "
+                     f"{(r['acc_final'] or 0):.1%} | {r['train_seconds']:.0f} | {r['topology_changes']} |")
+    Path(args.md).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m in args.methods:
+            pts = [(r["sparsity_target"], r["ppl_final"]) for r in rows if r["method"] == m]
+            ax.plot(*zip(*pts), marker="o", label=m)
+        pts = sorted({(r["sparsity_target"], r["ppl_pruned"]) for r in rows})
+        ax.plot(*zip(*pts), marker="x", linestyle="--", label="none (pruned)")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("held-out perplexity")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(Path(args.md).with_suffix(".png"), dpi=100)
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
