@@ -141,3 +141,38 @@ def test_resume_refuses_changed_config_and_damaged_checkpoints(tiny_model_dir, t
     (out / "checkpoints" / "step-6.safetensors").write_bytes(b"")
     assert main(_run_args(d, data, out, "--resume", str(out))) == 2
     assert "no intact checkpoint" in capsys.readouterr().err
+
+
+def test_sparse_export_reloads_as_sparse_layers(tiny_model_dir, tmp_path):
+    from seft_ext.hf import load_sparse
+    d, data = tiny_model_dir
+    out = tmp_path / "out"
+    assert main(_run_args(d, data, out)) == 0
+    dense = transformers.AutoModelForCausalLM.from_pretrained(out / "dense")
+    model = transformers.AutoModelForCausalLM.from_pretrained(d)  # the original dense weights
+    names = load_sparse(model, out / "sparse.safetensors")
+    assert len(names) == 14
+    ids = torch.randint(0, 20, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    for n in names:
+        assert model.get_submodule(n).sparsity == pytest.approx(0.5)
+
+
+def test_prune_then_train_then_export(tiny_model_dir, tmp_path):
+    d, data = tiny_model_dir
+    opts = ["--data", str(data), "--seq-len", "16", "--batch-size", "4", "--calib-windows", "8", "--eval-windows",
+            "4", "--task-items", "0", "--no-progress", "--sparsity", "0.5", "--pattern", "2:4"]
+    assert main(["prune", "--model", str(d), "--out", str(tmp_path / "p"), *opts]) == 0
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["steps"] == 0 and s["ppl_final"] == s["ppl_pruned"]
+    assert main(["train", "--model", str(tmp_path / "p" / "dense"), "--out", str(tmp_path / "t"), "--steps", "8",
+                 "--lr", "1e-2", "--update-interval", "4", "--lora-rank", "1", "--checkpoint-every", "4",
+                 *opts]) == 0
+    t = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert t["prune"] == "existing" and t["sparsity_final"] == pytest.approx(0.5)
+    assert main(["export", "--run", str(tmp_path / "t"), "--out", str(tmp_path / "x"), "--no-progress"]) == 0
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "dense")
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "dense")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n

@@ -36,10 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out", default="seft_out", help="output folder")
     common.add_argument("--no-progress", action="store_true")
 
-    run = sub.add_parser("run", parents=[common], help="the whole job")
+    run_opts = argparse.ArgumentParser(add_help=False)
+    run = run_opts
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", choices=list(PATTERNS), default="row")
-    run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+    run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt", "existing"], default=None,
+                     help="default wanda (train: existing); existing keeps the model's own zeros as the "
+                          "pruning mask (a model pruned before)")
     run.add_argument("--method", choices=["seft", "spiel", "fixed", "masked-dense", "none"], default="seft",
                      help="masked-dense: the SEFT steps with dense weights x mask and dense gradients (the "
                           "paper's own way; a speed and memory reference)")
@@ -57,8 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     run.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR/checkpoints")
 
-    ev = sub.add_parser("eval", parents=[common], help="evaluate a model folder")
-    del ev
+    sub.add_parser("run", parents=[common, run_opts], help="the whole job")
+    sub.add_parser("prune", parents=[common, run_opts],
+                   help="load, evaluate, prune, evaluate, export the pruned model to DIR/dense (no training)")
+    sub.add_parser("train", parents=[common, run_opts],
+                   help="fine-tune a model pruned before (--prune existing unless given), evaluate, export")
+    sub.add_parser("eval", parents=[common], help="evaluate a model folder")
+    ex = sub.add_parser("export", parents=[common], help="export the newest checkpoint of a run")
+    ex.add_argument("--run", required=True, metavar="DIR", help="the run folder holding checkpoints/")
     return p
 
 
@@ -69,7 +78,9 @@ RESUME_KEYS = ("model", "data", "sparsity", "pattern", "prune", "method", "steps
 def _check_args(a) -> None:
     if a.seq_len < 8 or a.batch_size < 1:
         raise SystemExit("seft: --seq-len must be >= 8 and --batch-size >= 1")
-    if a.command == "run":
+    if a.command in ("run", "prune", "train"):
+        if a.prune is None:
+            a.prune = "existing" if a.command == "train" else "wanda"
         if not (0.0 <= a.sparsity < 1.0):
             raise SystemExit(f"seft: --sparsity must be in [0, 1), got {a.sparsity}")
         if a.steps < 0 or a.lr <= 0:
@@ -104,6 +115,12 @@ def _sparsity(model) -> float:
 
     ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
     return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def seft_layers_of(model):
+    from .convert import seft_layers
+
+    return seft_layers(model)
 
 
 def export_dense(model, tokenizer, folder: Path) -> None:
@@ -173,10 +190,16 @@ def cmd_run(a) -> int:
         dense = _evaluate(model, tok, heldout, a, progress)
         summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
         calib = train[torch.randperm(train.shape[0], generator=g)[:a.calib_windows]]
-        say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
-        masks = prune_model(model, a.prune, a.sparsity, scope, nm,
-                            calibration=[calib[i:i + a.batch_size] for i in range(0, calib.shape[0], a.batch_size)],
-                            progress=progress)
+        if a.prune == "existing":
+            from .prune_llm import existing_masks
+
+            masks = existing_masks(model)
+        else:
+            say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
+            masks = prune_model(model, a.prune, a.sparsity, scope, nm,
+                                calibration=[calib[i:i + a.batch_size]
+                                             for i in range(0, calib.shape[0], a.batch_size)],
+                                progress=progress)
         pruned = _evaluate(model, tok, heldout, a, progress)
         summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"), topology_changes=0,
                        train_seconds=0.0)
@@ -233,6 +256,10 @@ def cmd_run(a) -> int:
                    train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
                    peak_memory_bytes=_peak_rss())
     if not a.no_export:
+        from .hf import export_sparse
+
+        if seft_layers_of(model):
+            export_sparse(model, out / "sparse.safetensors")
         export_dense(model, tok, out / "dense")
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -261,6 +288,35 @@ def _print_summary(s: dict) -> None:
           f"{s['topology_changes']} grown entries, {s['total_seconds']} s in all", flush=True)
 
 
+def cmd_prune(a) -> int:
+    a.method, a.steps = "none", 0
+    return cmd_run(a)
+
+
+def cmd_train(a) -> int:
+    return cmd_run(a)
+
+
+def cmd_export(a) -> int:
+    """The newest intact checkpoint of --run as DIR/dense (HF folder) and DIR/sparse.safetensors."""
+    from . import checkpoint
+    from .hf import export_sparse
+    from .models import load_model
+
+    info, tensor_file = checkpoint.latest(Path(a.run))
+    saved = info["meta"]["args"]
+    model, tok = load_model(saved["model"], DTYPES[saved.get("dtype", "fp32")], not a.no_progress)
+    checkpoint.restore(info, tensor_file, model)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_sparse(model, out / "sparse.safetensors")
+    sparsity = _sparsity(model)
+    export_dense(model, tok, out / "dense")
+    print(f"seft: exported step {info['step']} of {a.run} to {out}/dense and {out}/sparse.safetensors "
+          f"(sparsity {sparsity:.4f})")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .data import load_text
     from .models import load_model
@@ -279,7 +335,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return {"run": cmd_run, "eval": cmd_eval}[a.command](a)
+        return {"run": cmd_run, "prune": cmd_prune, "train": cmd_train, "eval": cmd_eval,
+                "export": cmd_export}[a.command](a)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError) as e:
         print(f"seft: error: {e}", file=sys.stderr)
         return 2

@@ -145,3 +145,12 @@ def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "ro
             nxt.append(_with_hidden(args, kwargs, h.detach()))
         cached = nxt
     return masks
+
+
+def existing_masks(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Tensor]:
+    """The non-zeros of every nn.Linear inside the decoder layers, as keep masks (for a model
+    pruned before and saved densely)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return {f"{prefix}.{i}.{name}": lin.weight.detach() != 0
+            for i, layer in enumerate(layers) for name, lin in _linears(layer, tuple(exclude)).items()}

@@ -1,0 +1,91 @@
+"""Hugging Face integration: a Trainer callback, and sparse export / import of the
+fine-tuned weights (topology + values in safetensors)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import SEFTConfig
+from .convert import seft_layers
+from .layer import SparseLinear
+from .sparse import CSRWeight
+
+try:  # transformers is optional for the rest of the package
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object
+
+
+class SEFTCallback(TrainerCallback):
+    """Drives SEFT evolution inside ``transformers.Trainer``: convert the model first
+    (``convert_to_seft``), then ``Trainer(..., callbacks=[SEFTCallback(config)])``. The
+    controller is built at the start of training from the Trainer's model, optimizer and
+    ``max_steps``, and steps after every optimizer step; ``callback.controller`` exposes it."""
+
+    def __init__(self, config: SEFTConfig, total_steps: Optional[int] = None):
+        if not isinstance(config, SEFTConfig):
+            raise TypeError(f"SEFTCallback: config must be a SEFTConfig, got {type(config).__name__}")
+        self.config, self.total_steps, self.controller = config, total_steps, None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from .evolve import SEFTController
+
+        if optimizer is None:
+            raise RuntimeError("SEFTCallback: the Trainer passed no optimizer to on_train_begin")
+        total = self.total_steps or state.max_steps
+        self.controller = SEFTController(model, optimizer, self.config, int(total))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.step()
+
+
+def export_sparse(model: nn.Module, path: Path) -> None:
+    """Every SEFT / Sparse layer's merged weight as CSR (crow, col, values, bias) in one
+    safetensors file, with the shapes in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, shapes = {}, {}
+    for name, m in model.named_modules():
+        if hasattr(m, "merged"):
+            w = m.merged()
+        elif isinstance(m, SparseLinear):
+            w = m.weight
+        else:
+            continue
+        tensors[f"{name}.crow"], tensors[f"{name}.col"] = w.crow.contiguous(), w.col.contiguous()
+        tensors[f"{name}.values"] = w.values.detach().contiguous()
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().contiguous()
+        shapes[name] = list(w.shape)
+    if not shapes:
+        raise ValueError("export_sparse: the model has no sparse layer")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"seft_ext": "sparse-v1", "shapes": json.dumps(shapes)})
+    tmp.replace(path)
+
+
+def load_sparse(model: nn.Module, path: Path) -> list[str]:
+    """Replace the modules named in a file written by ``export_sparse`` with SparseLinear
+    layers holding its weights; returns their names."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("seft_ext") != "sparse-v1":
+            raise ValueError(f"load_sparse: {path} is not a seft_ext sparse export")
+        shapes = json.loads(meta["shapes"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, shape in shapes.items():
+        w = CSRWeight(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        if not hasattr(holder, attr):
+            raise ValueError(f"load_sparse: the model has no module {name!r}")
+        setattr(holder, attr, SparseLinear(w, tensors.get(f"{name}.bias")))
+    return list(shapes)
