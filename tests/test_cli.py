@@ -10,28 +10,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from seft_ext.cli import main  # noqa: E402
 
-TEXT = " ".join(f"the {a} {b} went to the {c} and saw a {a}." for a in ("cat", "dog", "bird", "fish")
-                for b in ("quickly", "slowly", "happily") for c in ("market", "river", "garden", "house")) * 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], tokenizers.trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    fast.save_pretrained(d)
-    data = d / "text.txt"
-    data.write_text(TEXT.replace(". ", ".\n"))
-    return d, data
-
-
 @pytest.mark.parametrize("prune, pattern, method", [("wanda", "row", "seft"), ("sparsegpt", "2:4", "spiel"),
                                                     ("magnitude", "unstructured", "fixed"),
                                                     ("wanda", "row", "masked-dense")])

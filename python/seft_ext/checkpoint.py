@@ -35,6 +35,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _debug_kill(step: int) -> None:
+    """SEFT_DEBUG_KILL_IN_SAVE=N: SIGKILL this process while writing the checkpoint of step N,
+    after its tensor file's temporary copy is written (for the crash tests)."""
+    if os.environ.get("SEFT_DEBUG_KILL_IN_SAVE") == str(step):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -73,7 +81,7 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = data_rng.get_state()
     st = folder / f"step-{step}.safetensors"
-    _write_atomic(st, lambda p: save_file(tensors, str(p)))
+    _write_atomic(st, lambda p: (save_file(tensors, str(p)), _debug_kill(step)))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     info = {"step": step, "meta": meta, "sha256": _sha256(st), "optimizer_groups": groups, "controller": ctl,
             "windows": win_scalars, "layers": {n: {"shape": [l.out_features, l.in_features], "k": l.k,

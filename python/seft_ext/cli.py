@@ -155,18 +155,23 @@ def cmd_run(a) -> int:
     from .models import load_model
     from .prune_llm import prune_model
 
-    progress = not a.no_progress
+    rank, world = _init_distributed()
+    main_rank = rank == 0
+    progress = not a.no_progress and main_rank
     out = Path(a.out)
     torch.manual_seed(a.seed)
     t_start = time.time()
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
     run_args = {k: getattr(a, k) for k in RESUME_KEYS}
+    run_args["world_size"] = world
     resume = None
     if a.resume:
         info, tensor_file = checkpoint.latest(Path(a.resume))
         saved = info["meta"]["args"]
         diff = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {run_args[k]!r}" for k in RESUME_KEYS
                 if saved.get(k) != run_args[k]]
+        if saved.get("world_size", 1) != world:
+            diff.append(f"world size was {saved.get('world_size', 1)}, now {world}")
         if diff:
             raise ValueError("--resume with a different configuration: " + "; ".join(diff))
         resume = (info, tensor_file)
@@ -215,7 +220,9 @@ def cmd_run(a) -> int:
         if resume is None:
             convert_to_seft(model, cfg, masks=masks, dense_compute=a.method == "masked-dense")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
-        ctl = SEFTController(model, opt, cfg, a.steps)
+        ctl = SEFTController(model, opt, cfg, a.steps, process_group="auto" if world > 1 else None)
+        # DDP over the deltas; the buffers (topology) stay in step through the controller
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         if resume is not None:
             checkpoint.restore_training(info, tensors, opt, ctl, g)
         model.train()
@@ -226,10 +233,12 @@ def cmd_run(a) -> int:
         except ImportError:  # pragma: no cover
             bar = None
         t0 = time.time() - train_seconds
-        with open(out / "log.jsonl", "a" if resume else "w") as log:
+        delay = float(os.environ.get("SEFT_DEBUG_STEP_DELAY", "0"))  # slows the loop, for kill tests
+        with open(out / "log.jsonl", "a" if resume else "w") if main_rank else open(os.devnull, "w") as log:
             for step in range(start, a.steps + 1):
-                idx = torch.randint(0, train.shape[0], (a.batch_size,), generator=g)
-                loss = model(input_ids=train[idx], labels=train[idx], use_cache=False).loss
+                # the global batch is batch_size x world windows; each rank takes its share
+                idx = torch.randint(0, train.shape[0], (a.batch_size * world,), generator=g)[rank::world]
+                loss = net(input_ids=train[idx], labels=train[idx], use_cache=False).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -241,10 +250,12 @@ def cmd_run(a) -> int:
                                           "seconds": round(time.time() - t0, 2),
                                           "topology_changes": summary["topology_changes"]}) + "\n")
                     log.flush()
-                if a.checkpoint_every and (step % a.checkpoint_every == 0 or step == a.steps):
+                if a.checkpoint_every and (step % a.checkpoint_every == 0 or step == a.steps) and main_rank:
                     summary["train_seconds"] = round(time.time() - t0, 2)
                     checkpoint.save(out, step, model, opt, ctl, g, {"args": run_args, "summary": summary},
                                     keep=a.keep_checkpoints)
+                if delay:
+                    time.sleep(delay)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -255,17 +266,32 @@ def cmd_run(a) -> int:
     summary.update(ppl_final=final["ppl"], acc_final=final.get("acc"), sparsity_final=_sparsity(model),
                    train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
                    peak_memory_bytes=_peak_rss())
+    if not main_rank:  # only rank 0 writes
+        return 0
     if not a.no_export:
         from .hf import export_sparse
 
         if seft_layers_of(model):
             export_sparse(model, out / "sparse.safetensors")
         export_dense(model, tok, out / "dense")
+    summary["world_size"] = world
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     _print_summary(summary)
     return 0
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) a gloo process group on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _peak_rss() -> int:
@@ -340,6 +366,12 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError) as e:
         print(f"seft: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun: leave together
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

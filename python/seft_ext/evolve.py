@@ -42,7 +42,7 @@ class SEFTController:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], config: SEFTConfig,
-                 total_steps: int):
+                 total_steps: int, process_group=None):
         if not isinstance(config, SEFTConfig):
             raise TypeError(f"SEFTController: config must be a SEFTConfig, got {type(config).__name__}")
         if not isinstance(total_steps, int) or total_steps < 1:
@@ -52,6 +52,12 @@ class SEFTController:
         if not self.layers:
             raise ValueError("SEFTController: the model has no SEFTLinear layer; convert it first "
                              "(seft_ext.convert_to_seft)")
+        for m in model.modules():
+            kind = type(m).__name__
+            if kind in ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine") or "FSDP" in kind:
+                raise NotImplementedError(f"SEFTController: {kind} is not supported yet (only "
+                                          "DistributedDataParallel or a single process); the sparse buffers "
+                                          "must stay whole on every rank")
         if optimizer is not None:
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
             missing = [n for n, m in self.layers.items() if id(m.delta) not in owned]
@@ -66,6 +72,14 @@ class SEFTController:
                     f"in this version, and {off_cpu[0]} is on {self.layers[off_cpu[0]].theta.device}; keep the "
                     "model on the CPU or use method='fixed' (forward and backward run on CUDA)")
         self.model, self.optimizer, self.config, self.total_steps = model, optimizer, config, total_steps
+        from .distributed import resolve_group
+
+        # process_group: None, a group, or "auto" (all ranks when torch.distributed runs): the
+        # ranks then share window statistics and check that their topologies stay equal.
+        self.group = resolve_group(process_group)
+        self.world = 1 if self.group is None else torch.distributed.get_world_size(self.group)
+        for layer in self.layers.values():
+            layer.sync_group = self.group
         self.step_count = 0
         self._warned: set[str] = set()
         self.history: list[tuple[int, dict]] = []
@@ -106,14 +120,33 @@ class SEFTController:
                 layer.window.steps += 1
         report = None
         if self.is_evolution_step(t):
+            if self.group is not None:
+                self._reduce_windows()
             report = OrderedDict()
             for name, layer in self.layers.items():
                 report[name] = self._evolve_layer(name, layer, t)
                 layer.window.reset()
+            if self.group is not None:
+                from .distributed import check_same_topology
+
+                check_same_topology(list(self.layers.values()), self.group, t)
             self.history.append((t, report))
             self._log(t, report)
         self._arm()
         return report
+
+    def _reduce_windows(self) -> None:
+        """Sum every layer's window over ranks, in layer order (the same on every rank). The
+        sums are then divided by the world size: the means the ranks' DDP-averaged optimizer
+        sees."""
+        from .distributed import sum_over_ranks
+
+        for layer in self.layers.values():
+            w = layer.window
+            if w.tracked is None or not w.finite:
+                continue
+            w.gsum = sum_over_ranks(w.gsum, self.group) / self.world
+            w.g2sum = sum_over_ranks(w.g2sum, self.group) / self.world
 
     def _warn_once(self, name: str, msg: str) -> None:
         if name not in self._warned:

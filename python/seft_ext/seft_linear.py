@@ -175,6 +175,7 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
             self.register_parameter("bias", None)
         self.collecting = False
         self.dense_compute = False  # True: the masked-dense baseline (dense matmuls and gradients)
+        self.sync_group = None  # a process group: the window statistics are shared (distributed.py)
         self.plan = (0, 0, 0, 0)  # (num_grow, num_prune, sketch, seed) for the window's scan
         self.window = WindowStats()
 
@@ -251,6 +252,12 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
                 dy2, x2, self.crow, self.col, self.theta, self.delta_slots, num_grow, num_prune, self.budget,
                 self.nm_n, self.nm_m, self.grow_inactive, sketch, seed)
             w.scan_bytes = max(w.scan_bytes, int(nbytes))
+            if self.sync_group is not None:  # every rank tracks the same positions (distributed.py)
+                from . import distributed
+
+                finite = distributed.all_agree(finite, self.sync_group)
+                if finite:
+                    tracked = distributed.union_positions(tracked, self.sync_group)
             if not finite:
                 w.finite = False
                 return ops.csr_sddmm(dy2, x2, self.crow, self.col, self.delta_slots)
