@@ -154,3 +154,13 @@ def test_prune_then_train_then_export(tiny_model_dir, tmp_path):
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "dense")
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_bf16_run(tiny_model_dir, tmp_path):
+    d, data = tiny_model_dir
+    out = tmp_path / "bf16"
+    assert main(_run_args(d, data, out, "--dtype", "bf16")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["sparsity_final"] == pytest.approx(0.5) and s["ppl_final"] < s["ppl_pruned"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "dense")
+    assert reloaded.dtype == torch.bfloat16
