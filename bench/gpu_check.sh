@@ -115,6 +115,12 @@ def check(name, got, want, tol):
     print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (limit {tol:.0e})" + ("" if ok_shape else f" shape {tuple(got.shape)} vs {tuple(want.shape)}"))
 
 
+def three_ops(x, dy, crow, col, vals, bias, inn):
+    """csr_spmm, csr_spmm_t and csr_sddmm (all non-zeros) on one device's tensors."""
+    return (ops.csr_spmm(x, crow, col, vals, bias), ops.csr_spmm_t(dy, crow, col, vals, inn),
+            ops.csr_sddmm(dy, x, crow, col, None))
+
+
 def case(out, inn, T, density, dtype, idx, seed):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(out, inn, generator=g) < density
@@ -142,9 +148,7 @@ def case(out, inn, T, density, dtype, idx, seed):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dev = [t.to(DEV) for t in (x, dy, crow, col, vals, bias, slots)]
     X, DY, C, COL, V, B, S = dev
-    y = ops.csr_spmm(X, C, COL, V, B)
-    dx = ops.csr_spmm_t(DY, C, COL, V, inn)
-    dv = ops.csr_sddmm(DY, X, C, COL, None)
+    y, dx, dv = three_ops(X, DY, C, COL, V, B, inn)
     dvs = ops.csr_sddmm(DY, X, C, COL, S)
     check(f"{tag} csr_spmm   {DEV} vs fp64", y, ref_y, TOL[dtype])
     check(f"{tag} csr_spmm_t {DEV} vs fp64", dx, ref_dx, TOL[dtype])
@@ -152,9 +156,7 @@ def case(out, inn, T, density, dtype, idx, seed):
     check(f"{tag} csr_sddmm slots {DEV} vs fp64", dvs, ref_dv[S], TOL[acc])
     if CUDA:
         global fails
-        y_c = ops.csr_spmm(x, crow, col, vals, bias)
-        dx_c = ops.csr_spmm_t(dy, crow, col, vals, inn)
-        dv_c = ops.csr_sddmm(dy, x, crow, col, None)
+        y_c, dx_c, dv_c = three_ops(x, dy, crow, col, vals, bias, inn)
         check(f"{tag} csr_spmm   cuda vs cpu", y, y_c, TOL[dtype])
         check(f"{tag} csr_spmm_t cuda vs cpu", dx, dx_c, TOL[dtype])
         check(f"{tag} csr_sddmm  cuda vs cpu", dv, dv_c, TOL[acc])

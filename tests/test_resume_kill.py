@@ -21,6 +21,11 @@ def run_cmd(d, data, out, steps, every, *extra):
             "--out", str(out), *extra]
 
 
+def straight_run(d, data, out, steps, every):
+    subprocess.run(run_cmd(d, data, out, steps, every), check=True, capture_output=True)
+    return out
+
+
 def same_weights(a, b):
     x, y = load_file(str(a / "dense" / "model.safetensors")), load_file(str(b / "dense" / "model.safetensors"))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -28,8 +33,7 @@ def same_weights(a, b):
 
 def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
     d, data = tiny_model_dir
-    straight = tmp_path / "straight"
-    subprocess.run(run_cmd(d, data, straight, 20, 10), check=True, capture_output=True)
+    straight = straight_run(d, data, tmp_path / "straight", 20, 10)
     killed = tmp_path / "killed"
     env = dict(os.environ, SEFT_DEBUG_STEP_DELAY="0.3")
     proc = subprocess.Popen(run_cmd(d, data, killed, 20, 10), env=env, stdout=subprocess.DEVNULL,
@@ -51,8 +55,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dir, tmp_path):
     d, data = tiny_model_dir
-    straight = tmp_path / "straight"
-    subprocess.run(run_cmd(d, data, straight, 10, 5), check=True, capture_output=True)
+    straight = straight_run(d, data, tmp_path / "straight", 10, 5)
     crashed = tmp_path / "crashed"
     env = dict(os.environ, SEFT_DEBUG_KILL_IN_SAVE="10")
     proc = subprocess.run(run_cmd(d, data, crashed, 10, 5), env=env, capture_output=True)

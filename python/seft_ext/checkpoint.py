@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -179,9 +177,3 @@ def restore_training(info: dict, tensors: dict, optimizer, controller, data_rng:
     torch.set_rng_state(tensors["rng.torch"])
     data_rng.set_state(tensors["rng.data"])
 
-
-def find_meta(folder: Path) -> Optional[dict]:
-    try:
-        return latest(folder)[0]["meta"]
-    except FileNotFoundError:
-        return None

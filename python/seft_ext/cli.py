@@ -94,7 +94,7 @@ def _check_args(a) -> None:
 def _evaluate(model, tok, heldout, a, progress) -> dict:
     from .data import load_wordnet, multiple_choice_accuracy, perplexity, token_windows
 
-    bos = getattr(model.config, "model_type", "") == "gemma3_text" or "gemma" in getattr(model.config, "model_type", "")
+    bos = "gemma" in getattr(model.config, "model_type", "")  # Gemma needs BOS at every window
     w = token_windows(tok, heldout, a.seq_len, bos=bos)
     if a.eval_windows:
         w = w[:a.eval_windows]
@@ -115,12 +115,6 @@ def _sparsity(model) -> float:
 
     ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
     return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-
-
-def seft_layers_of(model):
-    from .convert import seft_layers
-
-    return seft_layers(model)
 
 
 def export_dense(model, tokenizer, folder: Path) -> None:
@@ -269,9 +263,10 @@ def cmd_run(a) -> int:
     if not main_rank:  # only rank 0 writes
         return 0
     if not a.no_export:
+        from .convert import seft_layers
         from .hf import export_sparse
 
-        if seft_layers_of(model):
+        if seft_layers(model):
             export_sparse(model, out / "sparse.safetensors")
         export_dense(model, tok, out / "dense")
     summary["world_size"] = world
