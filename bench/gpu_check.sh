@@ -16,7 +16,8 @@
 #     build      SEFT_WITH_CUDA=ON SEFT_CUDA_ARCHS=9.0 pip install --no-build-isolation --no-deps -v .
 #                (timed; then checks the installed build has the CUDA kernels)              [~1-2.5 min]
 #     diag       nvidia-smi, python -m seft_ext, compute-sanitizer --version                 [~5-10 s]
-#     tests      python -m pytest -q tests/test_cuda_ops.py tests/test_ops.py; fails if the CUDA
+#     tests      python -m pytest -q tests/test_cuda_ops.py tests/test_cuda_evolve.py tests/test_ops.py
+#                tests/test_grow_scan_tiled.py; fails if the CUDA
 #                tests would skip. Without pytest: a built-in script comparing CUDA op vs CPU op vs
 #                fp64 dense (fp32/bf16/fp64/fp16, int16/int32 columns) instead              [~30-60 s]
 #     compare    that script's large cases: > 65535 blocks (the kernels' grid-stride loops),
@@ -307,7 +308,8 @@ ok = torch.cuda.is_available() and _lib.load_error is None and bool(_lib.build_i
 print('CUDA tests can run:', ok, '| cuda available', torch.cuda.is_available(), '| load error', _lib.load_error)
 sys.exit(0 if ok else 1)") || { echo "ERROR: the CUDA tests would be skipped"; rc=1; }
   if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_ops.py || rc=1
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_evolve.py tests/test_ops.py \
+      tests/test_grow_scan_tiled.py || rc=1
     line=$(mylog | grep -E '[0-9]+ (passed|failed|error)' | tail -1)
     detail "pytest: ${line:-no summary line}"
   else

@@ -31,6 +31,12 @@ TORCH_LIBRARY(seft, m) {
   m.def("csr_grow_scan(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor theta, Tensor delta_slots, "
         "int num_grow, int num_prune, str scope=\"layer\", int nm_n=2, int nm_m=4, bool grow_inactive=True, "
         "int sketch=0, int seed=0) -> (Tensor, Tensor, int, bool)");
+  // The same scan, exact, from ATen ops only (cpp/tiled): csr_grow_scan's CUDA kernel for
+  // the layer and row scopes; registered on the CPU too, so tests compare it with the CPU
+  // kernel. tile_bytes bounds the one dense tile of G alive at a time.
+  m.def("csr_grow_scan_tiled(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor theta, "
+        "Tensor delta_slots, int num_grow, int num_prune, str scope=\"layer\", bool grow_inactive=True, "
+        "int tile_bytes=1048576) -> (Tensor, Tensor, int, bool)");
   // Drop num_drop slots, grow as many at tracked positions, prune base-only positions so
   // every budget unit keeps its count; in place. Returns (remap [k]: old slot or -1,
   // counts [dropped, grown, reactivated, pruned, undropped]).

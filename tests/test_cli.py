@@ -164,3 +164,12 @@ def test_bf16_run(tiny_model_dir, tmp_path):
     assert s["sparsity_final"] == pytest.approx(0.5) and s["ppl_final"] < s["ppl_pruned"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out / "dense")
     assert reloaded.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("device, match", [("cuda", "no CUDA device|no CUDA kernels"), ("tpu", "cpu, cuda or cuda:N"),
+                                           ("bogus", "cpu, cuda or cuda:N")])
+def test_rejects_unusable_device(tmp_path, device, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["run", "--model", str(tmp_path), "--device", device, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -19,7 +19,8 @@
 //               to run; the sort costs O(nnz log nnz) per call.
 //   csr_sddmm   one warp per output slot (non-zero): row found by binary search in crow,
 //               lanes stride over tokens, fixed-order shuffle reduction.
-// No NVTX ranges yet.
+// Profiling: every op call is an NVTX range named after the op (seft::csr_spmm, ...), always
+// on (a no-op costing nanoseconds unless a profiler such as nsys is attached).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -43,6 +44,8 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cuda/check_cuda.h"
+#include "cuda/nvtx_range.h"
 #include "dtype_dispatch.h"
 
 namespace seft::cuda {
@@ -103,6 +106,8 @@ __global__ void check_slots_kernel(const int64_t* slots, int64_t n, int64_t nnz,
   }
 }
 
+}  // namespace
+
 // crow / col (and slots when defined) are contiguous and on the current device.
 void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in,
                      const at::Tensor& slots) {
@@ -138,6 +143,8 @@ void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& c
   check_slots_cpu(op, slots.cpu(), nnz);
   TORCH_CHECK(false, op, ": invalid slots near slots[", hf[1], "]");
 }
+
+namespace {
 
 // ---------------------------------------------------------------- csr_spmm
 // y[t, o] = sum_{p in [ptr[o], ptr[o+1])} val[p] * x[t, idx[p]] (+ bias[o]); x (T, ldx), y (T, rows).
@@ -210,6 +217,7 @@ __global__ void sddmm_kernel(const int32_t* __restrict__ crow, const I* __restri
 at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const std::optional<at::Tensor>& bias) {
   const char* op = "csr_spmm";
+  const NvtxRange range("seft::csr_spmm");
   check_spmm_args(op, x, crow, col, values, bias, /*check_offsets=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = x.size(-1), out = crow.numel() - 1;
@@ -225,6 +233,7 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::
 at::Tensor csr_spmm_t_cuda(const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& values, int64_t in_features) {
   const char* op = "csr_spmm_t";
+  const NvtxRange range("seft::csr_spmm_t");
   check_spmm_t_args(op, grad_out, crow, col, values, in_features, /*check_offsets=*/false);
   const int64_t out = crow.numel() - 1;
   const c10::cuda::CUDAGuard guard(grad_out.device());
@@ -250,6 +259,7 @@ at::Tensor csr_spmm_t_cuda(const at::Tensor& grad_out, const at::Tensor& crow, c
 at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                           const at::Tensor& col, const std::optional<at::Tensor>& slots) {
   const char* op = "csr_sddmm";
+  const NvtxRange range("seft::csr_sddmm");
   check_sddmm_args(op, grad_out, x, crow, col, slots, /*check_offsets=*/false);
   const int64_t in = x.size(-1), out = crow.numel() - 1;
   const c10::cuda::CUDAGuard guard(x.device());

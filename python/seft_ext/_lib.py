@@ -67,3 +67,12 @@ def require_library() -> None:
     """Raise a clear error if the native library is not loaded."""
     if load_error is not None:
         raise RuntimeError(f"seft_ext: {load_error}")
+
+
+def has_kernels(op: str, device) -> bool:
+    """Whether seft::<op> has a kernel for ``device``'s type in this build (CPU always; CUDA
+    only in a CUDA build)."""
+    if load_error is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{op}", key)

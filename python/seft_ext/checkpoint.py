@@ -62,11 +62,11 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
         for f in LAYER_FIELDS:
             t = getattr(layer, f)
             if t is not None:
-                tensors[f"model.{name}.{f}"] = t.detach().contiguous().clone()
+                tensors[f"model.{name}.{f}"] = t.detach().cpu().contiguous().clone()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         for key, val in optimizer.state.get(p, {}).items():
-            tensors[f"optim.{i}.{key}"] = val.detach().contiguous().clone() if torch.is_tensor(val) \
+            tensors[f"optim.{i}.{key}"] = val.detach().cpu().contiguous().clone() if torch.is_tensor(val) \
                 else torch.tensor(val)
     ctl = controller.state_dict()
     windows = ctl.pop("windows")
@@ -75,7 +75,7 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
         win_scalars[name] = {k: w[k] for k in ("count", "steps", "finite", "scan_bytes")}
         for f in WindowStats.FIELDS:
             if w[f] is not None:
-                tensors[f"window.{name}.{f}"] = w[f].contiguous()
+                tensors[f"window.{name}.{f}"] = w[f].cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = data_rng.get_state()
     st = folder / f"step-{step}.safetensors"
@@ -163,13 +163,17 @@ def restore_training(info: dict, tensors: dict, optimizer, controller, data_rng:
     for g, saved in zip(optimizer.param_groups, info["optimizer_groups"]):
         g.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
     for i, p in enumerate(params):
-        state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+        # the moments follow their parameter's device; AdamW keeps "step" on the CPU
+        state = {k.split(".", 2)[2]: v if k.endswith(".step") else v.to(p.device)
+                 for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
         if state:
             optimizer.state[p] = state
     ctl = dict(info["controller"])
     windows = {}
     for name, scal in info["windows"].items():
+        dev = controller.layers[name].theta.device if name in controller.layers else None
         w = {f: tensors.get(f"window.{name}.{f}") for f in WindowStats.FIELDS}
+        w = {f: v if v is None or dev is None else v.to(dev) for f, v in w.items()}
         w.update(scal)
         windows[name] = w
     ctl["windows"] = windows

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run = run_opts
     run.add_argument("--sparsity", type=float, default=0.5)
     run.add_argument("--pattern", choices=list(PATTERNS), default="row")
+    run.add_argument("--budget", choices=["layer", "row", "nm"], default=None,
+                     help="the unit whose non-zero count evolution keeps: layer, row or nm (N:M group); "
+                          "default: nm for 2:4 / 4:8, else layer (see README: re-activation under a row budget)")
     run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt", "existing"], default=None,
                      help="default wanda (train: existing); existing keeps the model's own zeros as the "
                           "pruning mask (a model pruned before)")
@@ -53,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-rank", type=int, default=8, help="trainable budget k = rank (in + out) per layer")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    run.add_argument("--device", default="cpu", help="cpu (the evolution ops run on the CPU in this version)")
+    run.add_argument("--device", default="cpu",
+                     help="cpu, cuda or cuda:N (a CUDA build of seft_ext; under torchrun each rank takes "
+                          "cuda:LOCAL_RANK and the ranks talk over NCCL)")
     run.add_argument("--no-export", action="store_true", help="skip writing the dense HF folder")
     run.add_argument("--checkpoint-every", type=int, default=0,
                      help="write DIR/checkpoints/step-N.{safetensors,json} every N steps (0: never)")
@@ -71,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUME_KEYS = ("model", "data", "sparsity", "pattern", "prune", "method", "steps", "seq_len", "batch_size", "lr",
+RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size", "lr",
                "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
 
 
@@ -81,14 +86,37 @@ def _check_args(a) -> None:
     if a.command in ("run", "prune", "train"):
         if a.prune is None:
             a.prune = "existing" if a.command == "train" else "wanda"
+        if a.budget is None:
+            a.budget = "nm" if PATTERNS[a.pattern][0] == "nm" else "layer"
+        if a.budget == "nm" and PATTERNS[a.pattern][0] != "nm":
+            raise SystemExit(f"seft: --budget nm needs an N:M --pattern (2:4 or 4:8), got {a.pattern}")
         if not (0.0 <= a.sparsity < 1.0):
             raise SystemExit(f"seft: --sparsity must be in [0, 1), got {a.sparsity}")
         if a.steps < 0 or a.lr <= 0:
             raise SystemExit("seft: --steps must be >= 0 and --lr > 0")
         if a.checkpoint_every < 0 or a.keep_checkpoints < 1:
             raise SystemExit("seft: --checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
-        if a.device != "cpu":
-            raise SystemExit("seft: only --device cpu is supported in this version (the evolution ops are CPU-only)")
+        _check_device(a.device)
+
+
+def _check_device(spec: str) -> None:
+    from ._lib import has_kernels
+
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise SystemExit(f"seft: --device must be cpu, cuda or cuda:N, got {spec!r}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise SystemExit(f"seft: --device must be cpu, cuda or cuda:N, got {spec!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"seft: --device {spec}: torch sees no CUDA device (torch {torch.__version__})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"seft: --device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    if not has_kernels("csr_spmm", "cuda"):
+        raise SystemExit(f"seft: --device {spec}: this build of seft_ext has no CUDA kernels; rebuild it with a "
+                         "CUDA torch and nvcc on PATH (see README, Install)")
 
 
 def _evaluate(model, tok, heldout, a, progress) -> dict:
@@ -149,7 +177,7 @@ def cmd_run(a) -> int:
     from .models import load_model
     from .prune_llm import prune_model
 
-    rank, world = _init_distributed()
+    rank, world, device = _init_distributed(a.device)
     main_rank = rank == 0
     progress = not a.no_progress and main_rank
     out = Path(a.out)
@@ -171,18 +199,20 @@ def cmd_run(a) -> int:
         resume = (info, tensor_file)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(a.model, DTYPES[a.dtype], progress)
+    model.to(device)
     if tok is None:
         raise SystemExit(f"seft: --model {a.model} has no tokenizer")
     train_text, heldout = load_text(a.data)
     train = token_windows(tok, train_text, a.seq_len)
     scope, nm = PATTERNS[a.pattern]
     g = torch.Generator().manual_seed(a.seed)
-    cfg = SEFTConfig(sparsity=a.sparsity, budget=scope, nm_n=nm[0], nm_m=nm[1],
+    cfg = SEFTConfig(sparsity=a.sparsity, budget=a.budget, nm_n=nm[0], nm_m=nm[1],
                      method={"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method),
                      update_interval=a.update_interval,
                      lora_rank=a.lora_rank, seed=a.seed)
     if resume is None:
         summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
+                   "budget": a.budget,
                    "sparsity_target": a.sparsity, "steps": a.steps, "seq_len": a.seq_len,
                    "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "threads": torch.get_num_threads()}
         say("evaluating the dense model")
@@ -196,7 +226,7 @@ def cmd_run(a) -> int:
         else:
             say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
             masks = prune_model(model, a.prune, a.sparsity, scope, nm,
-                                calibration=[calib[i:i + a.batch_size]
+                                calibration=[calib[i:i + a.batch_size].to(device)
                                              for i in range(0, calib.shape[0], a.batch_size)],
                                 progress=progress)
         pruned = _evaluate(model, tok, heldout, a, progress)
@@ -208,6 +238,7 @@ def cmd_run(a) -> int:
         summary = info["meta"]["summary"]
         say(f"resuming from step {info['step']} of {a.resume}")
         tensors = checkpoint.restore(info, tensor_file, model)
+        model.to(device)
         start = info["step"] + 1
     train_seconds = summary["train_seconds"]
     if a.method != "none" and a.steps > 0:
@@ -216,7 +247,10 @@ def cmd_run(a) -> int:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
         ctl = SEFTController(model, opt, cfg, a.steps, process_group="auto" if world > 1 else None)
         # DDP over the deltas; the buffers (topology) stay in step through the controller
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+        net = model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         if resume is not None:
             checkpoint.restore_training(info, tensors, opt, ctl, g)
         model.train()
@@ -232,7 +266,8 @@ def cmd_run(a) -> int:
             for step in range(start, a.steps + 1):
                 # the global batch is batch_size x world windows; each rank takes its share
                 idx = torch.randint(0, train.shape[0], (a.batch_size * world,), generator=g)[rank::world]
-                loss = net(input_ids=train[idx], labels=train[idx], use_cache=False).loss
+                batch = train[idx].to(device)
+                loss = net(input_ids=batch, labels=batch, use_cache=False).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -259,7 +294,8 @@ def cmd_run(a) -> int:
     final = _evaluate(model, tok, heldout, a, progress)
     summary.update(ppl_final=final["ppl"], acc_final=final.get("acc"), sparsity_final=_sparsity(model),
                    train_seconds=round(train_seconds, 2), total_seconds=round(time.time() - t_start, 2),
-                   peak_memory_bytes=_peak_rss())
+                   peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss(),
+                   device=str(device))
     if not main_rank:  # only rank 0 writes
         return 0
     if not a.no_export:
@@ -277,16 +313,22 @@ def cmd_run(a) -> int:
     return 0
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) a gloo process group on the CPU."""
+def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): a gloo process group on
+    the CPU, or NCCL with each rank on cuda:LOCAL_RANK."""
+    dev = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.type == "cuda":
+        if world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     if world <= 1:
-        return 0, 1
+        return 0, 1, dev
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev
 
 
 def _peak_rss() -> int:

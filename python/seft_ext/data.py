@@ -64,9 +64,10 @@ def token_windows(tokenizer, text: str, seq_len: int, bos: bool = False) -> Tens
 def perplexity(model, windows: Tensor, batch_size: int = 8) -> float:
     """exp(mean next-token NLL) over all predicted tokens of the windows."""
     model.eval()
+    dev = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i:i + batch_size]
+        ids = windows[i:i + batch_size].to(dev)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                 reduction="sum")
@@ -90,6 +91,7 @@ def multiple_choice_accuracy(model, tokenizer, items: list[dict], limit: Optiona
     """Fraction of items whose answer gets the highest summed log-likelihood of
     ``option + '"'`` after the prompt (the options of an item in one padded batch)."""
     model.eval()
+    dev = next(model.parameters()).device
     items = items[:limit] if limit else items
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = 0
@@ -103,12 +105,13 @@ def multiple_choice_accuracy(model, tokenizer, items: list[dict], limit: Optiona
             ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
             att[i, :len(prompt) + len(c)] = 1
         # the vocabulary projection only where an option token is predicted
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=att.to(dev),
+                                     use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
         scores = []
         for i, c in enumerate(conts):
-            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=dev)
             logp = head(hidden[i, pos]).float().log_softmax(-1)
-            scores.append(logp[torch.arange(len(c)), torch.tensor(c)].sum().item())
+            scores.append(logp[torch.arange(len(c), device=dev), torch.tensor(c, device=dev)].sum().item())
         correct += int(max(range(len(scores)), key=scores.__getitem__) == it["answer"])
     return correct / max(1, len(items))

@@ -33,6 +33,13 @@ log = logging.getLogger("seft_ext")
 COUNT_NAMES = ("dropped", "grown", "reactivated", "pruned", "undropped")
 
 
+def _nvtx_range(name: str, on: bool):
+    """An NVTX range (seen by nsys) around an evolution step on CUDA; nothing otherwise."""
+    import contextlib
+
+    return torch.cuda.nvtx.range(name) if on else contextlib.nullcontext()
+
+
 class SEFTController:
     """Drives the topology of every :class:`SEFTLinear` in ``model``.
 
@@ -65,12 +72,14 @@ class SEFTController:
                 raise ValueError(f"SEFTController: the optimizer does not hold the delta of {missing[:3]}"
                                  f"{' ...' if len(missing) > 3 else ''}")
         if config.method != "fixed":
-            off_cpu = [n for n, m in self.layers.items() if m.theta.device.type != "cpu"]
-            if off_cpu:
-                raise NotImplementedError(
-                    f"SEFTController: the evolution ops (csr_grow_scan, csr_drop_grow_adapt_) run on the CPU only "
-                    f"in this version, and {off_cpu[0]} is on {self.layers[off_cpu[0]].theta.device}; keep the "
-                    "model on the CPU or use method='fixed' (forward and backward run on CUDA)")
+            from ._lib import has_kernels
+
+            for n, m in self.layers.items():
+                if not has_kernels("csr_grow_scan", m.theta.device):
+                    raise NotImplementedError(
+                        f"SEFTController: {n} is on {m.theta.device}, and this build of seft_ext has no evolution "
+                        "kernels for that device (seft_ext.build_info() says which were built); use the CPU, a "
+                        "CUDA build, or method='fixed'")
         self.model, self.optimizer, self.config, self.total_steps = model, optimizer, config, total_steps
         from .distributed import resolve_group
 
@@ -80,6 +89,7 @@ class SEFTController:
         self.world = 1 if self.group is None else torch.distributed.get_world_size(self.group)
         for layer in self.layers.values():
             layer.sync_group = self.group
+        self._on_cuda = any(m.theta.is_cuda for m in self.layers.values())
         self.step_count = 0
         self._warned: set[str] = set()
         self.history: list[tuple[int, dict]] = []
@@ -123,9 +133,10 @@ class SEFTController:
             if self.group is not None:
                 self._reduce_windows()
             report = OrderedDict()
-            for name, layer in self.layers.items():
-                report[name] = self._evolve_layer(name, layer, t)
-                layer.window.reset()
+            with _nvtx_range(f"seft::evolution_step {t}", self._on_cuda):
+                for name, layer in self.layers.items():
+                    report[name] = self._evolve_layer(name, layer, t)
+                    layer.window.reset()
             if self.group is not None:
                 from .distributed import check_same_topology
 

@@ -57,10 +57,10 @@ def export_sparse(model: nn.Module, path: Path) -> None:
             w = m.weight
         else:
             continue
-        tensors[f"{name}.crow"], tensors[f"{name}.col"] = w.crow.contiguous(), w.col.contiguous()
-        tensors[f"{name}.values"] = w.values.detach().contiguous()
+        tensors[f"{name}.crow"], tensors[f"{name}.col"] = w.crow.cpu().contiguous(), w.col.cpu().contiguous()
+        tensors[f"{name}.values"] = w.values.detach().cpu().contiguous()
         if getattr(m, "bias", None) is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().contiguous()
+            tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
         shapes[name] = list(w.shape)
     if not shapes:
         raise ValueError("export_sparse: the model has no sparse layer")

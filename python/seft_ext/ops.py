@@ -137,7 +137,7 @@ if _lib.load_error is None:
 def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor,
                   num_grow: int, num_prune: int, scope: str = "layer", nm_n: int = 2, nm_m: int = 4,
                   grow_inactive: bool = True, sketch: int = 0, seed: int = 0) -> tuple[Tensor, Tensor, int, bool]:
-    """The first step of an evolution window for one layer (CPU).
+    """The first step of an evolution window for one layer.
 
     Streams ``G = dY^T X`` through row tiles and returns ``(tracked, g, workspace_bytes,
     finite)``: the sorted flat positions (row * in + col) outside the delta that the window
@@ -149,6 +149,9 @@ def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta:
     ``sketch > 0`` estimates G from CountSketches of the tokens down to ``sketch`` rows
     (seeded by ``seed``; the GEMM then costs ``sketch / tokens`` of the exact one) and ``g``
     is that estimate: use ``csr_sddmm`` at the tracked positions for exact values.
+
+    On CUDA the scan is always exact (``sketch`` is not used): one cuBLAS GEMM per row tile
+    and topk selections (``csr_grow_scan_tiled``), or the CPU kernel for the nm scope.
     """
     _lib.require_library()
     return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope,
@@ -165,7 +168,8 @@ def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: 
     unit), prunes the swapped-out weights with the smallest ``|theta * gsum|``; every unit keeps
     its non-zero count. Returns ``(remap, counts)``: ``remap[new_slot]`` is the old slot or -1
     for a grown one (value 0); counts = [dropped, grown, reactivated, pruned, undropped].
-    The full rules are in cpp/cpu/csr_drop_grow_adapt_cpu.cpp.
+    The full rules are in cpp/cpu/csr_drop_grow_adapt_cpu.cpp. CUDA tensors make one round
+    trip to the host, where the same CPU kernel decides.
     """
     _lib.require_library()
     return torch.ops.seft.csr_drop_grow_adapt_(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop,
@@ -175,8 +179,8 @@ def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: 
 def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
                    in_features: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The CSR pattern of the slots' positions and ``positions`` (sorted, disjoint from them),
-    merged (CPU). Returns ``(crow, col, at_slots, at_positions)``: the pattern and where each
-    slot / position landed in it."""
+    merged. Returns ``(crow, col, at_slots, at_positions)``: the pattern and where each slot /
+    position landed in it. CUDA tensors are merged on the host (once per evolution window)."""
     _lib.require_library()
     return torch.ops.seft.csr_slot_union(crow, col, slots, positions, in_features)
 
@@ -194,6 +198,14 @@ if _lib.load_error is None:
     def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
                             nm_n=2, nm_m=4, grow_inactive=True, sketch=0, seed=0):
         _same_device("csr_grow_scan", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
+                     delta_slots=delta_slots)
+        n = torch.library.get_ctx().new_dynamic_size()
+        return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=acc_dtype(x.dtype)), 0, True)
+
+    @torch.library.register_fake("seft::csr_grow_scan_tiled")
+    def _csr_grow_scan_tiled_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+                                  grow_inactive=True, tile_bytes=1 << 20):
+        _same_device("csr_grow_scan_tiled", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
                      delta_slots=delta_slots)
         n = torch.library.get_ctx().new_dynamic_size()
         return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=acc_dtype(x.dtype)), 0, True)
