@@ -43,14 +43,18 @@ def main() -> int:
             for m in args.methods:
                 if m in args.once and seed != args.seeds[0]:
                     continue
-                out = Path(args.out) / f"s{int(s * 100)}_{m}_seed{seed}"
+                out = Path(args.out) / f"s{int(s * 100)}_{m.replace(':', '_')}_seed{seed}"
                 if not (out / "summary.json").is_file():
-                    cmd = [sys.executable, "-m", "seft_ext.cli", "run", "--sparsity", str(s), "--method", m,
+                    method, _, budget = m.partition(":")  # e.g. seft:row = --method seft --budget row
+                    cmd = [sys.executable, "-m", "seft_ext.cli", "run", "--sparsity", str(s), "--method", method,
+                           *(["--budget", budget] if budget else []),
                            "--steps", str(args.steps), "--seed", str(seed), "--eval-windows", str(args.eval_windows),
                            "--task-items", str(args.task_items), "--no-export", "--no-progress", "--out", str(out)]
                     print(" ".join(cmd), flush=True)
                     subprocess.run(cmd, check=True)
-                rows.append(json.loads((out / "summary.json").read_text()))
+                r = json.loads((out / "summary.json").read_text())
+                r["method"] = m
+                rows.append(r)
     lines = [f"# Accuracy study ({datetime.date.today().isoformat()})", "",
              f"- machine: {platform.machine()}, torch {torch.__version__}; command: `python {' '.join(sys.argv)}`",
              f"- SmolLM2-135M-Instruct, Wanda per row, {args.steps} steps of 4 x 256 tokens, lr 2e-4, trainable "

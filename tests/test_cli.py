@@ -42,6 +42,7 @@ def test_run_end_to_end(tiny_model_dir, tmp_path, prune, pattern, method):
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--data", "/nonexistent.txt"], "no such file"),
     (["--sparsity", "1.0"], "sparsity"),
+    (["--budget", "nm"], "needs an N:M --pattern"),
 ])
 def test_run_refuses_bad_input(tiny_model_dir, tmp_path, capsys, args, match):
     d, data = tiny_model_dir

@@ -42,16 +42,19 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
     unknown = set(masks) - set(names)
     if unknown:
         raise ValueError(f"convert_to_seft: masks given for layers that are not converted: {sorted(unknown)[:3]}")
-    modules = dict(model.named_modules())
+    # One layer at a time, holding no other reference to the dense modules: each dense weight
+    # is freed as soon as its sparse replacement is in place (unless the caller holds it).
     for i, name in enumerate(names):
         parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
+        parent = model.get_submodule(parent_name) if parent_name else model
         try:
-            layer = SEFTLinear.from_linear(modules[name], config, masks.get(name), dtype=dtype, seed=config.seed + i)
+            layer = SEFTLinear.from_linear(getattr(parent, attr), config, masks.get(name), dtype=dtype,
+                                           seed=config.seed + i)
         except ValueError as e:
             raise ValueError(f"convert_to_seft: layer {name!r}: {e}") from None
         layer.dense_compute = dense_compute
         setattr(parent, attr, layer)
+        del layer
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -36,6 +36,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                     "(expected model.model.layers as in LLaMA / Mistral / Qwen / Gemma)")
 
 
+def _require_linears(model: nn.Module, layers: nn.ModuleList, exclude: tuple[str, ...]) -> None:
+    if not _linears(layers[0], exclude):
+        kinds = sorted({type(m).__name__ for m in layers[0].modules()} - {type(layers[0]).__name__})
+        raise TypeError(f"prune_model: the decoder layers of {type(model).__name__} hold no nn.Linear (they hold "
+                        f"{', '.join(kinds[:6])}); supported: LLaMA / Mistral / Qwen / Gemma-style models")
+
+
 def _linears(layer: nn.Module, exclude: tuple[str, ...]) -> dict[str, nn.Linear]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not any(e in n for e in exclude)}
 
@@ -85,6 +92,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "ro
         raise ValueError(f"prune_model: sparsity must be in [0, 1), got {sparsity}")
     layers = decoder_layers(model)
     exclude = tuple(exclude)
+    _require_linears(model, layers, exclude)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     masks: dict[str, Tensor] = {}
     if method == "magnitude":
