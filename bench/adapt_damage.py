@@ -47,7 +47,7 @@ def main() -> int:
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from seft_ext.data import load_text, token_windows
+    from seft_ext.data import load_text, perplexity, token_windows
     from seft_ext.prune_llm import decoder_layers
 
     torch.manual_seed(0)
@@ -84,13 +84,8 @@ def main() -> int:
         h.remove()
     print(f"window of {a.window} passes: {time.time() - t0:.0f} s", flush=True)
 
-    @torch.no_grad()
-    def heldout_loss() -> float:
-        tot = 0.0
-        for i in range(0, held.shape[0], a.batch_size):
-            tot += model(input_ids=held[i:i + a.batch_size], labels=held[i:i + a.batch_size],
-                         use_cache=False).loss.item() * held[i:i + a.batch_size].shape[0]
-        return tot / held.shape[0]
+    def heldout_loss() -> float:  # log of the driver's held-out perplexity
+        return math.log(perplexity(model, held, a.batch_size))
 
     base = heldout_loss()
     print(f"held-out loss before: {base:.4f} (ppl {math.exp(base):.2f})", flush=True)

@@ -36,7 +36,7 @@ def main() -> int:
 
     from seft_ext import SEFTConfig, SEFTController
     from seft_ext.convert import convert_to_seft
-    from seft_ext.data import load_text, token_windows
+    from seft_ext.data import load_text, perplexity, token_windows
     from seft_ext.prune_llm import existing_masks
 
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -44,13 +44,8 @@ def main() -> int:
     train = token_windows(tok, train_text, a.seq_len)
     held = token_windows(tok, heldout, a.seq_len)[:a.eval_windows]
 
-    @torch.no_grad()
-    def heldout_loss(model) -> float:
-        tot = 0.0
-        for i in range(0, held.shape[0], a.batch_size):
-            b = held[i:i + a.batch_size]
-            tot += model(input_ids=b, labels=b, use_cache=False).loss.item() * b.shape[0]
-        return tot / held.shape[0]
+    def heldout_loss(model) -> float:  # log of the driver's held-out perplexity
+        return math.log(perplexity(model, held, a.batch_size))
 
     results = []
     for variant in a.variants:

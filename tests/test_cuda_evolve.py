@@ -10,17 +10,12 @@ import json
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+from cuda_env import require_cuda_build
 
-import seft_ext  # noqa: E402
-from seft_ext import _lib, CSRWeight, SEFTConfig, SEFTController, SEFTLinear  # noqa: E402
+require_cuda_build()
+
+from seft_ext import CSRWeight, SEFTConfig, SEFTController, SEFTLinear  # noqa: E402
 from seft_ext.prune import magnitude_mask  # noqa: E402
-
-if _lib.load_error is not None:
-    raise RuntimeError(_lib.load_error)
-if not (_lib.build_info and _lib.build_info.WITH_CUDA):
-    pytest.skip("seft_ext was built without CUDA kernels", allow_module_level=True)
 
 ops = torch.ops.seft
 

@@ -7,16 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+from cuda_env import require_cuda_build
 
-import seft_ext  # noqa: E402,F401  (loads the operator library)
-from seft_ext import _lib  # noqa: E402
-
-if _lib.load_error is not None:
-    raise RuntimeError(_lib.load_error)
-if not (_lib.build_info and _lib.build_info.WITH_CUDA):
-    pytest.skip("seft_ext was built without CUDA kernels", allow_module_level=True)
+require_cuda_build()
 
 ops = torch.ops.seft
 DEV = "cuda"

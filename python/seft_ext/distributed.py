@@ -33,45 +33,53 @@ def resolve_group(process_group) -> Optional[object]:
     return process_group
 
 
+def _device(group) -> torch.device:
+    """Where this group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_agree(flag: bool, group) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
 def union_positions(positions: Tensor, group) -> Tensor:
     """Sorted union of every rank's (sorted, unique) int64 positions."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([positions.numel()], dtype=torch.int64)
+    world, dev = dist.get_world_size(group), _device(group)
+    n = torch.tensor([positions.numel()], dtype=torch.int64, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
     width = int(max(s.item() for s in sizes))
-    padded = torch.full((width,), -1, dtype=torch.int64)
-    padded[:positions.numel()] = positions
+    padded = torch.full((width,), -1, dtype=torch.int64, device=dev)
+    padded[:positions.numel()] = positions.to(dev)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     merged = torch.cat(parts)
-    return torch.unique(merged[merged >= 0])  # sorted
+    return torch.unique(merged[merged >= 0]).to(positions.device)  # sorted
 
 
 def sum_over_ranks(t: Tensor, group) -> Tensor:
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    r = t.to(_device(group), copy=True)
+    dist.all_reduce(r, op=dist.ReduceOp.SUM, group=group)
+    return r.to(t.device)
 
 
 def topology_hash(layers) -> int:
     """A cheap fingerprint of every layer's pattern and delta slots (int64 arithmetic)."""
     h = torch.zeros((), dtype=torch.int64)
     for i, layer in enumerate(layers):
-        idx = torch.arange(layer.col.numel(), dtype=torch.int64)
-        h = h * 1_000_003 + (layer.col.long() * 7919 + idx).sum() * (i + 1)
-        h = h + (layer.crow.long() * 31).sum() + (layer.delta_slots * 17).sum()
+        idx = torch.arange(layer.col.numel(), dtype=torch.int64, device=layer.col.device)
+        part = (layer.col.long() * 7919 + idx).sum() * (i + 1)
+        part = part + (layer.crow.long() * 31).sum() + (layer.delta_slots * 17).sum()
+        h = h * 1_000_003 + part.cpu()
     return int(h)
 
 
 def check_same_topology(layers, group, step: int) -> None:
-    h = torch.tensor([topology_hash(layers)], dtype=torch.int64)
+    h = torch.tensor([topology_hash(layers)], dtype=torch.int64, device=_device(group))
     world = dist.get_world_size(group)
     hs = [torch.zeros_like(h) for _ in range(world)]
     dist.all_gather(hs, h, group=group)
