@@ -315,19 +315,22 @@ def cmd_run(a) -> int:
 
 def _init_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): a gloo process group on
-    the CPU, or NCCL with each rank on cuda:LOCAL_RANK."""
+    the CPU, or NCCL with each rank on cuda:LOCAL_RANK (modulo the device count).
+    SEFT_DIST_BACKEND=gloo overrides the backend (gloo lets several ranks share one GPU: a test
+    of the multi-rank CUDA path on one device)."""
     dev = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dev.type == "cuda":
         if world > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world <= 1:
         return 0, 1, dev
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        backend = os.environ.get("SEFT_DIST_BACKEND") or ("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), dev
 
 
