@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import seft_ext
-from seft_ext import CSRWeight, SparseLinear, ops
+from seft_ext import CSRWeight, SEFTConfig, SEFTController, SEFTLinear, SparseLinear, ops
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = [0.5, 0.7, 0.9]
@@ -50,6 +50,8 @@ SMOKE_MLP = dict(hidden=64, inter=172, layers=4, sparsity=0.7, tokens=40)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEED = 0
+SEFT_KINDS = ("seft", "seft-masked-dense")
+MEMORY_KINDS = ("sparse", "dense") + SEFT_KINDS
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -244,6 +246,10 @@ def build_stack(kind, cfg, device, dtype):
             mask = torch.rand(out, inp, generator=g, device=device) >= cfg["sparsity"]
             if kind == "sparse":
                 lins.append(SparseLinear(CSRWeight.from_dense(weight, mask, dtype=dtype)))
+            elif kind in SEFT_KINDS:  # frozen base + delta of k = 8 (in + out) slots, layer budget
+                layer = SEFTLinear(CSRWeight.from_dense(weight, mask, dtype=dtype), 8 * (inp + out), budget="layer")
+                layer.dense_compute = kind == "seft-masked-dense"
+                lins.append(layer)
             else:
                 lins.append(MaskedLinear((weight * mask).to(dtype), mask))
             del weight, mask
@@ -260,7 +266,13 @@ def memory_case(kind, cfg, device, dtype, timer, args):
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
     model = build_stack(kind, cfg, device, dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    ctl = None
+    if kind in SEFT_KINDS:  # AdamW over the deltas; step 1 scans (window), step 2 evolves
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ctl = SEFTController(model, opt, SEFTConfig(sparsity=cfg["sparsity"], update_interval=2,
+                                                    grow_accumulation=2), total_steps=1000)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     g = torch.Generator(device=device).manual_seed(SEED + 2)
     x = torch.randn(cfg["tokens"], cfg["hidden"], generator=g, device=device).to(dtype)
     res = dict(kind=kind, n_params=sum(p.numel() for p in model.parameters()))
@@ -273,11 +285,13 @@ def memory_case(kind, cfg, device, dtype, timer, args):
         loss = model(x).float().pow(2).mean()
         loss.backward()
         opt.step()
+        if ctl is not None and ctl.step():
+            res["evolved"] = True
         return loss.detach()
 
-    times = []
+    times, peaks = [], []
     for i in range(2):
-        if i == 1 and (times[0] > args.slow_call_s or timer.budget.left() < 3 * times[0] + 5):
+        if i == 1 and ctl is None and (times[0] > args.slow_call_s or timer.budget.left() < 3 * times[0] + 5):
             break
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -288,10 +302,12 @@ def memory_case(kind, cfg, device, dtype, timer, args):
         if not torch.isfinite(loss):
             res["note"] = f"non-finite loss {float(loss)}"
         if cuda:
-            res["peak"] = torch.cuda.max_memory_allocated(device) - base
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            res["peak"] = max(peaks) if ctl is not None else peaks[-1]  # SEFT: the evolution step counts
     res["step_s"] = times[-1]
     res["steps"] = len(times)
-    del model, opt, x
+    res["times"] = times
+    del model, opt, x, ctl
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -379,20 +395,31 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
               "One step = forward, loss = mean(y^2) in fp32, backward, SGD step (no optimizer state). "
               "MiB over what was allocated before the model was built (torch.cuda.memory_allocated / "
               "max_memory_allocated, peak reset before the step that is reported: the 2nd when there is time "
-              "for it). Masked dense: dense weights times a bool mask in every forward, dense grads.", "",
+              "for it). Masked dense: dense weights times a bool mask in every forward, dense grads. SEFT rows: "
+              "frozen CSR base + fp32 delta of k = 8 (in + out) slots per layer, AdamW on the deltas; step 1 scans "
+              "the window, step 2 adds to it and runs the evolution step (peak: the larger of the two); the masked-"
+              "dense SEFT row does the same steps with dense weights and dense gradients (the paper's way).", "",
               "| variant | parameters | static MiB (weights, masks, input) | peak MiB in a step | step s (steps run) |",
               "|---|---|---|---|---|"]
     for m in mem:
-        name = {"sparse": "seft_ext.SparseLinear (CSR)", "dense": "masked dense"}[m["kind"]]
+        name = {"sparse": "seft_ext.SparseLinear (CSR)", "dense": "masked dense",
+                "seft": "SEFT: SEFTLinear, AdamW on deltas, evolution at step 2",
+                "seft-masked-dense": "SEFT masked dense (dense_compute), same steps"}[m["kind"]]
         if "skip" in m:
             lines.append(f"| {name} | - | - | - | skip ({m['skip']}) |")
             continue
         mib = lambda k: f"{m[k] / 2**20:.0f}" if k in m else "n/a (CPU)"  # noqa: E731
+        steps = f"{m['step_s']:.3f} ({m['steps']})"
+        if m["kind"] in SEFT_KINDS:
+            steps = " / ".join(f"{t:.3f}" for t in m["times"]) + " (scan / evolve)" + \
+                ("" if m.get("evolved") else " NO EVOLUTION STEP RAN")
         lines.append(f"| {name} | {m['n_params'] / 1e6:.2f} M | {mib('static')} | {mib('peak')} "
-                     f"| {m['step_s']:.3f} ({m['steps']}) |" + (f" {m['note']}" if "note" in m else ""))
-    if len(mem) == 2 and all("peak" in m for m in mem):
-        lines += ["", f"Peak ratio sparse / masked dense: {mem[0]['peak'] / mem[1]['peak']:.2f}; "
-                  f"static: {mem[0]['static'] / mem[1]['static']:.2f}"]
+                     f"| {steps} |" + (f" {m['note']}" if "note" in m else ""))
+    by = {m["kind"]: m for m in mem if "peak" in m}
+    for a, b in (("sparse", "dense"), ("seft", "seft-masked-dense")):
+        if a in by and b in by:
+            lines += ["", f"Peak ratio {a} / {b}: {by[a]['peak'] / by[b]['peak']:.2f}; "
+                      f"static: {by[a]['static'] / by[b]['static']:.2f}"]
     if notes:
         lines += ["", "## Notes and problems", ""] + [f"- {n}" for n in sorted(notes)]
     text = "\n".join(lines) + "\n"
@@ -455,7 +482,7 @@ def main() -> int:
         if phase == "memory":
             if args.skip_memory:
                 continue
-            for kind in ("sparse", "dense"):
+            for kind in MEMORY_KINDS:
                 print(f"[bench_gpu] memory step: {kind} ({budget.elapsed():.0f} s)", file=sys.stderr, flush=True)
                 if budget.left() <= 0:
                     mem.append(dict(kind=kind, skip="time budget spent"))
