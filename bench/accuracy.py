@@ -93,10 +93,12 @@ def main() -> int:
             mean = [sum(v) / len(v) for v in vals]
             err = [[mu - min(v) for mu, v in zip(mean, vals)], [max(v) - mu for mu, v in zip(mean, vals)]]
             ax.errorbar([x + (i - 2) * 0.004 for x in xs], mean, yerr=err, marker="x" if m == "none" else "o",
-                        linestyle="--" if m == "none" else "-", capsize=3, label=m + (" (pruned)" if m == "none" else ""))
+                        linestyle="--" if m == "none" else "-", capsize=3,
+                        label={"none": "none (pruned)", "seft:row": "seft, row budget"}.get(m, m))
         ax.set_yscale("log")
         ax.set_xlabel("sparsity (Wanda, per row)")
-        ax.set_ylabel("held-out perplexity (mean, range over seeds)")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("mean over seeds, bars: range", fontsize=9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(Path(args.md).with_suffix(".png"), dpi=100)
