@@ -84,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> csr_drop_grow_adapt_cuda(at::Tensor& crow, at
   const NvtxRange range("seft::csr_drop_grow_adapt_");
   const at::Device dev = theta.device();
   TORCH_CHECK(dev.is_cuda(), op, ": theta must be on a CUDA device, got ", dev);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&crow, &col, &delta_slots, &delta, &tracked, &gsum})
+  using Args = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : Args{&crow, &col, &delta_slots, &delta, &tracked, &gsum})
     TORCH_CHECK(t->defined() && t->device() == dev, op, ": every argument must be on ", dev);
   const c10::cuda::CUDAGuard guard(dev);
   // Host copies; the CPU kernel checks everything and decides on them.

@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size", "lr",
-               "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
+RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size",
+               "lr", "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
 
 
 def _check_args(a) -> None:
