@@ -16,7 +16,7 @@ passes (a diagnostic: the product never holds these dense gradients), picks per 
 prunes as many active weights in each of their rows by each criterion, and reports the
 held-out loss before and after. The grown entries are 0, so only the pruning changes it.
 
-    python bench/adapt_damage.py --model /tmp/p70/dense --p 0.15
+    python bench/adapt_damage.py --model p70/dense --p 0.15
 """
 from __future__ import annotations
 

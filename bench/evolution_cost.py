@@ -5,7 +5,7 @@ train to the first evolution step, measure the held-out loss just before and jus
 (the step itself: dropped deltas revert, re-activated entries start at 0, adapt prunes base
 weights), then again `--after` steps later.
 
-    python bench/evolution_cost.py --model /tmp/p70/dense --sparsity 0.7
+    python bench/evolution_cost.py --model p70/dense --sparsity 0.7
 
 Variants: spiel (no re-activation), seft with a row budget, seft with a layer budget.
 """
