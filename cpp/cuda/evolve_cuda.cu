@@ -114,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_slot_union_cuda(c
   const char* op = "csr_slot_union";
   const NvtxRange range("seft::csr_slot_union");
   const at::Device dev = crow.device();
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&col, &slots, &positions})
+  using Args = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : Args{&col, &slots, &positions})
     TORCH_CHECK(t->defined() && t->device() == dev, op, ": every argument must be on ", dev);
   const c10::cuda::CUDAGuard guard(dev);
   static const auto cpu_op = find_op<UnionSig>("seft::csr_slot_union");

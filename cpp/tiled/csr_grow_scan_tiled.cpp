@@ -130,13 +130,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& gr
     }
   }
   if (ps.empty()) return {at::empty({0}, lopts), at::empty({0}, opts.dtype(acc)), peak, true};
-  const at::Tensor P = at::cat(ps), Gv = at::cat(gs);
-  auto [sorted, order] = P.sort();
-  const at::Tensor first = at::ones({sorted.numel()}, opts.dtype(at::kBool));
-  if (sorted.numel() > 1) first.narrow(0, 1, sorted.numel() - 1).copy_(sorted.narrow(0, 1, sorted.numel() - 1).ne(
-                             sorted.narrow(0, 0, sorted.numel() - 1)));
-  const at::Tensor pos = sorted.masked_select(first);
-  const at::Tensor g = Gv.index_select(0, order).masked_select(first);
+  // A position can be both a grow and a prune candidate (with the same g): one entry each.
+  const at::Tensor Gv = at::cat(gs);
+  auto [pos, inverse, unused] = at::_unique2(at::cat(ps), /*sorted=*/true, /*return_inverse=*/true);
+  const at::Tensor g = at::empty({pos.numel()}, Gv.options()).index_put_({inverse}, Gv);
   const int64_t copies = (x.scalar_type() == acc ? 0 : X.numel() * esize) + dyT.numel() * esize + nnz * 2;
   return {pos, g, peak + copies + pos.numel() * (8 + esize), true};
 }

@@ -16,6 +16,7 @@ bias-corrected values equal the window's mean g and mean g^2:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -35,8 +36,6 @@ COUNT_NAMES = ("dropped", "grown", "reactivated", "pruned", "undropped")
 
 def _nvtx_range(name: str, on: bool):
     """An NVTX range (seen by nsys) around an evolution step on CUDA; nothing otherwise."""
-    import contextlib
-
     return torch.cuda.nvtx.range(name) if on else contextlib.nullcontext()
 
 
@@ -78,7 +77,7 @@ class SEFTController:
                 if not has_kernels("csr_grow_scan", m.theta.device):
                     raise NotImplementedError(
                         f"SEFTController: {n} is on {m.theta.device}, and this build of seft_ext has no evolution "
-                        "kernels for that device (seft_ext.build_info() says which were built); use the CPU, a "
+                        "kernels for that device (`python -m seft_ext` says what was built); use the CPU, a "
                         "CUDA build, or method='fixed'")
         self.model, self.optimizer, self.config, self.total_steps = model, optimizer, config, total_steps
         from .distributed import resolve_group
@@ -89,7 +88,6 @@ class SEFTController:
         self.world = 1 if self.group is None else torch.distributed.get_world_size(self.group)
         for layer in self.layers.values():
             layer.sync_group = self.group
-        self._on_cuda = any(m.theta.is_cuda for m in self.layers.values())
         self.step_count = 0
         self._warned: set[str] = set()
         self.history: list[tuple[int, dict]] = []
@@ -133,7 +131,8 @@ class SEFTController:
             if self.group is not None:
                 self._reduce_windows()
             report = OrderedDict()
-            with _nvtx_range(f"seft::evolution_step {t}", self._on_cuda):
+            on_cuda = any(m.theta.is_cuda for m in self.layers.values())
+            with _nvtx_range(f"seft::evolution_step {t}", on_cuda):
                 for name, layer in self.layers.items():
                     report[name] = self._evolve_layer(name, layer, t)
                     layer.window.reset()
