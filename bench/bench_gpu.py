@@ -179,8 +179,12 @@ def run_case(device, dtype, out, inp, sp, tokens, timer, args, dense_cache, note
     w = CSRWeight.from_dense(weight, mask, dtype=dtype)
     w_dense = (weight * mask).to(dtype)
     del weight
+    # the CUDA ops also keep W's column-tile index (int32 [out, ceil(in / 128) + 1]) per pattern
+    w_bytes = w.nbytes() + out * ((inp + 127) // 128 + 1) * 4
     row = dict(shape=f"{out}x{inp}", out=out, inp=inp, tokens=tokens, sparsity=sp,
-               bytes=w.nbytes() / (out * inp * w_dense.element_size()))
+               bytes=w_bytes / (out * inp * w_dense.element_size()),
+               fwd_bytes=w_bytes + (x.numel() + tokens * out) * x.element_size(),
+               fb_flops=6.0 * tokens * out * inp)
     key = (out, inp, tokens)  # the dense cost does not depend on the mask: timed once
     if key not in dense_cache:
         d_fwd = timer.measure(lambda: F.linear(x, w_dense), reps)
@@ -333,6 +337,29 @@ def fmt_bytes(b: float) -> str:
     return "-" if b != b else f"{b:.2f}"  # nan: the case did not run
 
 
+def fmt_rate(amount: float, r, ceiling, scale: float) -> str:
+    """amount / time in units of `scale`, and its share of the measured ceiling."""
+    if not r or "t" not in r or not amount:
+        return "n/a"
+    rate = amount / r["t"]
+    return f"{rate / scale:.0f}" + (f" ({rate / ceiling:.0%})" if ceiling else "")
+
+
+def measure_ceilings(device, timer) -> dict:
+    """The device's copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
+    if device.type != "cuda":
+        return {}
+    a = torch.empty(2**29, dtype=torch.bfloat16, device=device)  # 1 GiB
+    b = torch.empty_like(a)
+    r = timer.measure(lambda: b.copy_(a), 10)
+    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    r2 = timer.measure(lambda: m @ m, 10)
+    res = dict(copy_bps=2 * a.numel() * 2 / r["t"], mm_flops=2 * 8192.0**3 / r2["t"])
+    del a, b, m
+    torch.cuda.empty_cache()
+    return res
+
+
 def fmt_reps(*rs) -> str:
     return "/".join("-" if (r is None or "n" not in r) else str(r["n"]) for r in rs)
 
@@ -353,7 +380,7 @@ def gpu_info(device):
     return name, extra
 
 
-def write_report(path, args, device, dtype_name, started, rows, mem, notes, budget, done):
+def write_report(path, args, device, dtype_name, started, rows, mem, notes, budget, done, ceil=None):
     bi = seft_ext.build_info
     gpu, smi = gpu_info(device)
     lines = [f"# seft_ext GPU op benchmark ({started})", "",
@@ -374,13 +401,19 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
              "csr_sddmm over all non-zeros]; torch.sparse = torch.sparse.mm(W_csr int64 indices, x.T) "
              "(cuSPARSE; output left transposed); the dense times are measured once per shape/tokens",
              "- rel err: ||ours - ref|| / ||ref|| (Frobenius) of Y / dX / dV against fp32 dense math on the same "
-             f"{dtype_name} inputs; bytes: our CSR weight (values, col, crow) over the dense weight, same dtype",
-             f"- time budget {args.budget_s:.0f} s; spent {budget.elapsed():.0f} s", ""]
+             f"{dtype_name} inputs; bytes: our CSR weight (values, col, crow, column-tile index) over the dense weight, same dtype",
+             f"- time budget {args.budget_s:.0f} s; spent {budget.elapsed():.0f} s",
+             "- ceilings measured in this run: " + (
+                 f"copy {ceil['copy_bps'] / 1e12:.2f} TB/s (bytes read + written, 1 GiB bf16 copy_), "
+                 f"bf16 matmul {ceil['mm_flops'] / 1e12:.0f} TFLOP/s (8192^3)" if ceil else "none (CPU)"),
+             "- fwd GB/s: (our weight bytes incl. the tile index + x + y) / ours fwd time, (% of the copy "
+             "ceiling); fwd+bwd TFLOP/s: dense-equivalent 6 T out in / ours fwd+bwd time (% of the matmul "
+             "ceiling): the tensor-core path computes dense tiles, so this is its real rate", ""]
     lines += ["## Ops", "",
               "| shape (out x in) | tokens | sparsity | ours fwd ms | dense fwd ms | torch.sparse fwd ms "
               "| ours/dense fwd | ours/sparse fwd | ours fwd+bwd ms | dense fwd+bwd ms | ours/dense fwd+bwd "
-              "| rel err Y/dX/dV | bytes/dense | N (5 ms columns) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| rel err Y/dX/dV | bytes/dense | fwd GB/s | fwd+bwd TFLOP/s | N (5 ms columns) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(args.shapes)}
     for r in sorted(rows, key=lambda r: (order.get((r["out"], r["inp"]), 99), r["tokens"], r["sparsity"])):
         lines.append(
@@ -388,6 +421,8 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
             f"| {fmt_ms(r.get('s_fwd'))} | {fmt_ratio(r.get('o_fwd'), r.get('d_fwd'))} "
             f"| {fmt_ratio(r.get('o_fwd'), r.get('s_fwd'))} | {fmt_ms(r.get('o_fb'))} | {fmt_ms(r.get('d_fb'))} "
             f"| {fmt_ratio(r.get('o_fb'), r.get('d_fb'))} | {r.get('err', 'n/a')} | {fmt_bytes(r['bytes'])} "
+            f"| {fmt_rate(r.get('fwd_bytes', 0), r.get('o_fwd'), (ceil or {}).get('copy_bps'), 1e9)} "
+            f"| {fmt_rate(r.get('fb_flops', 0), r.get('o_fb'), (ceil or {}).get('mm_flops'), 1e12)} "
             f"| {fmt_reps(r.get('o_fwd'), r.get('d_fwd'), r.get('s_fwd'), r.get('o_fb'), r.get('d_fb'))} |")
     cfg = args.mlp
     lines += ["", f"## Training step memory: {cfg['layers']} LLaMA-MLP layers (hidden {cfg['hidden']}, "
@@ -469,9 +504,10 @@ def main() -> int:
     budget = Budget(args.budget_s)
     timer = Timer(device, args, budget)
     rows, mem, notes, dense_cache = [], [], set(), {}
+    ceil = measure_ceilings(device, timer)
 
     def report(done=False):
-        return write_report(out_path, args, device, args.dtype, started, rows, mem, notes, budget, done)
+        return write_report(out_path, args, device, args.dtype, started, rows, mem, notes, budget, done, ceil)
 
     # Small token counts first, then the training step, then the slow 4096-token cases.
     split = max(tokens) if args.smoke else 1024  # the smoke run goes through all three phases too

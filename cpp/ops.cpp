@@ -7,6 +7,8 @@
 //   values float32 / float64 / bfloat16 / float16 [nnz]
 #include <torch/library.h>
 
+#include "common/cuda_path.h"
+#include "common/structure_cache.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(seft, m) {
@@ -49,4 +51,13 @@ TORCH_LIBRARY(seft, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // Which CPU kernel set runs ("avx2" or "base"); pass "avx2", "base" or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
+  // Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens), or forced
+  // "tensor_core" / "cuda_core"; "" reads the setting.
+  m.def("cuda_path(str choose=\"\") -> str", &seft::cuda_path_op);
+  // The column-tile index of W (cpp/common/csr_tile_index.h), int32 [out, ceil(in / tile) + 1]:
+  // row o's non-zeros in columns [j * tile, (j + 1) * tile) are [tp[o][j], tp[o][j + 1]).
+  // The CUDA csr_spmm_t / csr_sddmm use it (tile 128) in place of a transposed copy of W.
+  m.def("csr_tile_ptr(Tensor crow, Tensor col, int in_features, int tile=128) -> Tensor");
+  // Patterns whose device-side check is remembered (cpp/common/structure_cache.h).
+  m.def("structure_cache_size() -> int", &seft::structure_cache_size);
 }

@@ -1,4 +1,5 @@
-"""The CUDA ops against the CPU ops (same inputs) and against dense float64 math.
+"""The CUDA ops against the CPU ops (same inputs) and against dense float64 math, on every
+kernel path (auto, forced tensor cores, forced CUDA cores).
 
 Skipped without a CUDA device (and without a library built with CUDA kernels).
 """
@@ -52,6 +53,17 @@ def assert_close(got, want, dtype):
     torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol)
 
 
+PATHS = ["auto", "tensor_core", "cuda_core"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """Forces a kernel path for one test (tensor_core applies to bf16 / fp16 only)."""
+    ops.cuda_path(request.param)
+    yield request.param
+    ops.cuda_path("auto")
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
 IDX = [torch.int16, torch.int32]
 # (leading dims of the dense operands, out, in, density)
@@ -63,7 +75,7 @@ SHAPES = [((5,), 37, 53, 0.2), ((2, 3), 64, 40, 0.5), ((1,), 8, 300, 0.05), ((0,
 @pytest.mark.parametrize("idx", IDX, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_spmm(dtype, idx, shape, with_bias):
+def test_spmm(path, dtype, idx, shape, with_bias):
     lead, out, inn, dens = shape
     crow, col, vals = random_csr(out, inn, dens, idx, dtype, seed=out * 7 + inn, empty_rows=(0, out // 2))
     x = torch.randn(*lead, inn).to(dtype)
@@ -81,7 +93,7 @@ def test_spmm(dtype, idx, shape, with_bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("idx", IDX, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
-def test_spmm_t(dtype, idx, shape):
+def test_spmm_t(path, dtype, idx, shape):
     lead, out, inn, dens = shape
     crow, col, vals = random_csr(out, inn, dens, idx, dtype, seed=out * 5 + inn, empty_rows=(1,))
     dy = torch.randn(*lead, out).to(dtype)
@@ -99,7 +111,7 @@ def test_spmm_t(dtype, idx, shape):
 @pytest.mark.parametrize("idx", IDX, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}x{s[2]}")
 @pytest.mark.parametrize("use_slots", [False, True])
-def test_sddmm(dtype, idx, shape, use_slots):
+def test_sddmm(path, dtype, idx, shape, use_slots):
     lead, out, inn, dens = shape
     crow, col, _ = random_csr(out, inn, dens, idx, dtype, seed=out * 3 + inn, empty_rows=(out - 1,))
     nnz = col.numel()
@@ -198,3 +210,94 @@ def test_runs_on_current_stream():
         y = ops.csr_spmm(*args)
     s.synchronize()
     assert_close(y, want, torch.float32)
+
+
+# Many tokens and several 128-wide tiles / 32-deep slices in every direction; in % 8 != 0
+# and odd token counts take the kernels' scalar-load branches.
+BIG = [(200, 300, 260, 0.3), (130, 129, 1000, 0.05), (64, 256, 256, 0.95), (257, 136, 259, 0.5), (96, 33, 7, 0.6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("idx", IDX, ids=str)
+@pytest.mark.parametrize("shape", BIG, ids=lambda s: f"T{s[0]}-{s[1]}x{s[2]}-d{s[3]}")
+def test_many_tokens_all_ops(path, dtype, idx, shape):
+    T, out, inn, dens = shape
+    crow, col, vals = random_csr(out, inn, dens, idx, dtype, seed=T + out + inn, empty_rows=(0, out - 1))
+    x = torch.randn(T, inn).to(dtype)
+    dy = torch.randn(T, out).to(dtype)
+    bias = torch.randn(out).to(dtype)
+    W = dense_of(crow, col, vals, inn)
+    X, DY, C, COL, V, B = to_dev(x, dy, crow, col, vals, bias)
+    y = ops.csr_spmm(X, C, COL, V, B)
+    assert_close(y, x.double() @ W.T + bias.double(), dtype)
+    assert_close(y, ops.csr_spmm(x, crow, col, vals, bias), dtype)
+    dx = ops.csr_spmm_t(DY, C, COL, V, inn)
+    assert_close(dx, dy.double() @ W, dtype)
+    assert_close(dx, ops.csr_spmm_t(dy, crow, col, vals, inn), dtype)
+    rows = torch.repeat_interleave(torch.arange(out), (crow[1:] - crow[:-1]).long())
+    want_g = (dy.double().T @ x.double())[rows, col.long()]
+    g = ops.csr_sddmm(DY, X, C, COL, None)
+    assert_close(g, want_g, torch.float32)
+    slots = torch.arange(1, col.numel(), 3)
+    assert_close(ops.csr_sddmm(DY, X, C, COL, slots.to(DEV)), want_g[slots], torch.float32)
+    # deterministic on every path: bitwise the same on a second call
+    assert torch.equal(y, ops.csr_spmm(X, C, COL, V, B))
+    assert torch.equal(dx, ops.csr_spmm_t(DY, C, COL, V, inn))
+    assert torch.equal(g, ops.csr_sddmm(DY, X, C, COL, None))
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 9, 17])
+def test_few_tokens_split_rows(T):
+    """Few tokens and many rows: csr_spmm_t splits the rows across blocks and sums the splits."""
+    crow, col, vals = random_csr(3000, 300, 0.2, torch.int16, torch.bfloat16, seed=T)
+    dy = torch.randn(T, 3000).to(torch.bfloat16)
+    x = torch.randn(T, 300).to(torch.bfloat16)
+    W = dense_of(crow, col, vals, 300)
+    DY, X, C, COL, V = to_dev(dy, x, crow, col, vals)
+    assert_close(ops.csr_spmm_t(DY, C, COL, V, 300), dy.double() @ W, torch.bfloat16)
+    assert_close(ops.csr_spmm(X, C, COL, V, None), x.double() @ W.T, torch.bfloat16)
+
+
+@pytest.mark.parametrize("idx", IDX, ids=str)
+def test_tile_ptr_cuda_matches_cpu(idx):
+    crow, col, _ = random_csr(77, 700, 0.2, idx, torch.float32, seed=4, empty_rows=(3,))
+    for tile in (1, 64, 128, 1000):
+        want = ops.csr_tile_ptr(crow, col, 700, tile)
+        got = ops.csr_tile_ptr(*to_dev(crow, col), 700, tile)
+        assert torch.equal(got.cpu(), want)
+
+
+def test_training_step_does_not_synchronise():
+    """After the first call has checked the pattern (and slots), the ops read nothing back."""
+    crow, col, vals = random_csr(256, 384, 0.3, torch.int16, torch.bfloat16, seed=5)
+    C, COL, V = to_dev(crow, col, vals)
+    slots = torch.arange(0, col.numel(), 5, device=DEV)
+    for T in (4, 256):  # both paths
+        x = torch.randn(T, 384, device=DEV, dtype=torch.bfloat16)
+        dy = torch.randn(T, 256, device=DEV, dtype=torch.bfloat16)
+        ops.csr_spmm(x, C, COL, V, None), ops.csr_spmm_t(dy, C, COL, V, 384), ops.csr_sddmm(dy, x, C, COL, slots)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.csr_spmm(x, C, COL, V, None)
+            ops.csr_spmm_t(dy, C, COL, V, 384)
+            ops.csr_sddmm(dy, x, C, COL, slots)
+            ops.csr_sddmm(dy, x, C, COL, None)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_pattern_changed_in_place_is_checked_again():
+    crow, col, vals = random_csr(40, 50, 0.3, torch.int32, torch.float32, seed=6)
+    C, COL, V = to_dev(crow, col, vals)
+    x = torch.randn(3, 50, device=DEV)
+    ops.csr_spmm(x, C, COL, V, None)
+    r = int(torch.nonzero((crow[1:] - crow[:-1]) >= 2)[0])  # a row with >= 2 non-zeros
+    p = int(crow[r])
+    COL[p + 1] = COL[p]  # duplicate column: bumps col's version
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.csr_spmm(x, C, COL, V, None)
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.csr_spmm_t(torch.randn(3, 40, device=DEV), C, COL, V, 50)
+    COL[p + 1] = int(col[p + 1])  # restored: accepted again, same result as the CPU
+    assert_close(ops.csr_spmm(x, C, COL, V, None), ops.csr_spmm(x.cpu(), crow, col, vals, None), torch.float32)

@@ -130,6 +130,13 @@ void check_spmm_t_args(const char* op, const at::Tensor& grad_out, const at::Ten
   check_dense(op, "grad_out", grad_out, crow.numel() - 1, values.scalar_type(), values.device());
 }
 
+void check_tile_ptr_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
+                         int64_t tile, const at::Device& device) {
+  check_csr(op, crow, col, nullptr, device, device.is_cpu());
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  TORCH_CHECK(tile >= 1 && tile <= (int64_t(1) << 30), op, ": tile must be in [1, 2^30], got ", tile);
+}
+
 void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                       const at::Tensor& col, const std::optional<at::Tensor>& slots, bool check_offsets) {
   TORCH_CHECK(x.defined() && x.dim() >= 1, op, ": x must have at least 1 dimension");

@@ -34,6 +34,9 @@ void check_spmm_t_args(const char* op, const at::Tensor& grad_out, const at::Ten
 void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                       const at::Tensor& col, const std::optional<at::Tensor>& slots, bool check_offsets);
 
+void check_tile_ptr_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
+                         int64_t tile, const at::Device& device);
+
 // (..., n) -> (rows, n) contiguous; unlike reshape(-1, n) it also works for n == 0.
 at::Tensor as_2d(const at::Tensor& t);
 // sizes with the last entry replaced.

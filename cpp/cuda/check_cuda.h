@@ -3,10 +3,14 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
+
 namespace seft::cuda {
 
-// crow / col (and slots when defined) contiguous and on the current device.
+// crow / col (and slots when defined) contiguous and on the current device. before_sync, when
+// given, launches more work on the current stream after the check kernels; it is complete
+// when this returns (the one sync waits for it too).
 void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in,
-                     const at::Tensor& slots);
+                     const at::Tensor& slots, const std::function<void()>& before_sync = {});
 
 }  // namespace seft::cuda

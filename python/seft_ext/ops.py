@@ -44,6 +44,20 @@ def cpu_isa(choose: str = "") -> str:
     return torch.ops.seft.cpu_isa(choose)
 
 
+def cuda_path(choose: str = "") -> str:
+    """Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens, CUDA cores
+    otherwise), or forced "tensor_core" / "cuda_core" (process-wide); "" reads the setting."""
+    _lib.require_library()
+    return torch.ops.seft.cuda_path(choose)
+
+
+def csr_tile_ptr(crow: Tensor, col: Tensor, in_features: int, tile: int = 128) -> Tensor:
+    """W's column-tile index, int32 [out, ceil(in / tile) + 1]: row o's non-zeros in columns
+    [j * tile, (j + 1) * tile) are ``[tp[o, j], tp[o, j + 1])``. The CUDA ``csr_spmm_t`` and
+    ``csr_sddmm`` use it (tile 128, cached per pattern) instead of a transposed copy of W."""
+    return torch.ops.seft.csr_tile_ptr(crow, col, in_features, tile)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -71,6 +85,11 @@ if _lib.load_error is None:
         _same_device("csr_spmm_t", grad_out=grad_out, crow=crow, col=col, values=values)
         torch._check(grad_out.dtype == values.dtype, lambda: "csr_spmm_t: grad_out and values dtypes differ")
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    @torch.library.register_fake("seft::csr_tile_ptr")
+    def _csr_tile_ptr_fake(crow, col, in_features, tile=128):
+        _same_device("csr_tile_ptr", crow=crow, col=col)
+        return crow.new_empty((crow.shape[0] - 1, (in_features + tile - 1) // tile + 1))
 
     @torch.library.register_fake("seft::csr_sddmm")
     def _csr_sddmm_fake(grad_out, x, crow, col, slots=None):

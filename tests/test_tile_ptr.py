@@ -1,0 +1,97 @@
+"""csr_tile_ptr (the column-tile index the CUDA csr_spmm_t / csr_sddmm walk W by) against a
+plain Python reference; the slots check remembered per tensor version; the cuda_path switch."""
+import pytest
+import torch
+
+from seft_ext import ops
+from reference import random_weight
+
+
+def tile_ptr_ref(crow, col, inn, tile):
+    out = crow.numel() - 1
+    width = (inn + tile - 1) // tile + 1
+    tp = torch.empty(out, width, dtype=torch.int32)
+    for o in range(out):
+        lo, hi = int(crow[o]), int(crow[o + 1])
+        cols = [int(c) for c in col[lo:hi]]
+        for j in range(width):
+            tp[o, j] = lo + sum(c < j * tile for c in cols)
+    return tp
+
+
+@pytest.mark.parametrize("index", [torch.int16, torch.int32])
+@pytest.mark.parametrize("shape, tile", [((7, 5), 128), ((33, 130), 128), ((20, 300), 64), ((9, 256), 128),
+                                         ((5, 17), 1), ((4, 0), 128), ((0, 40), 128)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_tile_ptr_matches_reference(index, shape, tile, density):
+    out, inn = shape
+    w = random_weight(out, inn, density, torch.float32, index=index)
+    tp = ops.csr_tile_ptr(w.crow, w.col, inn, tile)
+    assert tp.dtype == torch.int32 and tp.shape == (out, (inn + tile - 1) // tile + 1)
+    torch.testing.assert_close(tp, tile_ptr_ref(w.crow, w.col, inn, tile), rtol=0, atol=0)
+    # each segment holds exactly its tile's columns: the segments partition the row
+    for o in range(out):
+        assert int(tp[o, 0]) == int(w.crow[o]) and int(tp[o, -1]) == int(w.crow[o + 1])
+        for j in range(tp.shape[1] - 1):
+            seg = w.col[int(tp[o, j]):int(tp[o, j + 1])].long()
+            assert bool(((seg >= j * tile) & (seg < (j + 1) * tile)).all())
+
+
+def test_tile_ptr_rejects_bad_input():
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.csr_tile_ptr(crow, torch.tensor([1, 0, 2], dtype=torch.int32), 10)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.csr_tile_ptr(crow, torch.tensor([0, 1, 10], dtype=torch.int32), 10)
+    with pytest.raises(RuntimeError, match="tile must be"):
+        ops.csr_tile_ptr(crow, torch.tensor([0, 1, 2], dtype=torch.int32), 10, 0)
+    with pytest.raises(RuntimeError, match="must equal nnz"):
+        ops.csr_tile_ptr(torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32), 10)
+
+
+def test_tile_ptr_opcheck():
+    w = random_weight(12, 300, 0.2, torch.float32)
+    torch.library.opcheck(torch.ops.seft.csr_tile_ptr.default, (w.crow, w.col, 300, 128))
+
+
+def test_slots_check_is_redone_after_an_in_place_change():
+    """The slots check is remembered per tensor version: changing slots in place re-checks."""
+    w = random_weight(10, 20, 0.5, torch.float32)
+    x, dy = torch.randn(4, 20), torch.randn(4, 10)
+    slots = torch.arange(0, w.col.numel(), 2)
+    before = ops.csr_sddmm(dy, x, w.crow, w.col, slots)
+    assert torch.equal(ops.csr_sddmm(dy, x, w.crow, w.col, slots), before)  # remembered
+    slots[1] = slots[0]  # in place: duplicate -> must be refused now
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        ops.csr_sddmm(dy, x, w.crow, w.col, slots)
+    slots[1] = 2
+    torch.testing.assert_close(ops.csr_sddmm(dy, x, w.crow, w.col, slots), before)
+    assert torch.ops.seft.structure_cache_size() >= 1
+
+
+def test_cuda_path_switch():
+    assert ops.cuda_path() == "auto"
+    try:
+        assert ops.cuda_path("cuda_core") == "cuda_core"
+        assert ops.cuda_path() == "cuda_core"
+        assert ops.cuda_path("tensor_core") == "tensor_core"
+        with pytest.raises(RuntimeError, match="expected"):
+            ops.cuda_path("fast")
+        assert ops.cuda_path() == "tensor_core"
+    finally:
+        ops.cuda_path("auto")
+
+
+def test_evolution_step_bumps_the_pattern_versions():
+    """The CUDA ops remember a checked pattern per tensor version: the in-place evolution op
+    must bump the versions of the arrays it rewrites, or a changed pattern would go unchecked."""
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([0, 1, 1], dtype=torch.int16)
+    theta = torch.randn(3)
+    slots = torch.tensor([0], dtype=torch.int64)
+    delta = torch.zeros(1)
+    before = [t._version for t in (crow, col, theta, slots, delta)]
+    ops.csr_drop_grow_adapt_(crow, col, theta, slots, delta, torch.tensor([2], dtype=torch.int64),
+                             torch.tensor([5.0]), 1, 2)
+    after = [t._version for t in (crow, col, theta, slots, delta)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
