@@ -6,6 +6,7 @@ Skipped without a CUDA device (and without a library built with CUDA kernels).
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,31 @@ def test_torchrun_two_ranks_on_cuda(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["device"].startswith("cuda") and s["topology_changes"] > 0
+
+
+def test_evolution_step_synchronises_once():
+    """All layers' decisions share one device -> host wait (the controller's stream sync); the
+    ops themselves read nothing back once their patterns are checked."""
+    cfg = SEFTConfig(sparsity=0.6, budget="layer", update_interval=2, grow_accumulation=1, scan_sketch=0)
+    layers = [make_layer(48, 64, "layer", torch.bfloat16, s).cuda() for s in range(4)]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW([m.delta for m in layers], lr=1e-2)
+    ctl = SEFTController(model, opt, cfg, total_steps=8)
+    x = torch.randn(80, 64, device="cuda", dtype=torch.bfloat16)
+    syncs = []
+    for t in range(1, 7):
+        model(x).float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if ctl.is_evolution_step(t) and t > 2:  # the first evolution checks the new patterns
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                report = ctl.step()
+            torch.cuda.set_sync_debug_mode(0)
+            syncs.append(sum("synchroniz" in str(r.message) for r in rec))
+            assert all("skipped" not in v for v in report.values()), report
+        else:
+            ctl.step()
+    assert syncs and all(n <= 1 for n in syncs), syncs

@@ -3,14 +3,16 @@
 // at any token count (the tensor-core path is bf16 / fp16 only).
 //
 //   rows_spmm    one warp per (row, group of up to 8 tokens): lanes stride over the row's
-//                non-zeros, each (col, value) read once and applied to the group's tokens,
-//                then a fixed-order shuffle reduction per token.
+//                non-zeros with 4-8 loads of col and of values in flight per lane, each
+//                (col, value) read once and applied to the group's tokens, then a fixed-order
+//                shuffle reduction per token.
 //   cols_spmm_t  dx = dy W without a transposed copy: a block owns one column tile of dx
 //                (kColTile inputs) for a group of tokens and a range of rows; each warp walks
-//                its rows' non-zeros in that tile (located by the column-tile index) and
-//                accumulates into its own shared-memory partial; the 8 partials are summed in
-//                a fixed order. When the rows are split across blocks (to fill the GPU at few
-//                tokens), the splits' partials go to a workspace summed in a fixed order.
+//                4 of its rows at a time (their loads in flight together), their non-zeros in
+//                that tile located by the column-tile index, and accumulates into its own
+//                shared-memory partial; the 8 partials are summed in a fixed order. The rows
+//                are split across blocks until ~64 warps per SM are busy; the splits'
+//                partials go to a workspace summed in a fixed order.
 //   warp_sddmm   one warp per output non-zero: lanes stride over tokens.
 // All are deterministic. Offsets are clamped to [0, nnz] and column indices bounds-checked, so
 // a pattern changed behind the checks' back cannot make them read or write out of bounds.
@@ -83,13 +85,24 @@ __global__ void rows_spmm_kernel(const int32_t* __restrict__ crow, const I* __re
 #pragma unroll
     for (int t = 0; t < G; ++t) acc[t] = A(0);
     const int64_t lo = clamp_offset(crow[o], 0, nnz), hi = clamp_offset(crow[o + 1], lo, nnz);
-    for (int64_t p = lo + lane; p < hi; p += kWarp) {
-      const int64_t c = col[p];
-      if (c < 0 || c >= in) continue;
-      const A v = static_cast<A>(val[p]);
+    // U loads of col and of val per lane in flight before their use: bandwidth needs them
+    constexpr int U = G >= 4 ? 4 : 8;
+    for (int64_t base = lo + lane; base < hi; base += int64_t(kWarp) * U) {
+      int32_t c[U];
+      A v[U];
 #pragma unroll
-      for (int t = 0; t < G; ++t)
-        if (t < nt) acc[t] += v * static_cast<A>(xg[t * in + c]);
+      for (int u = 0; u < U; ++u) {
+        const int64_t p = base + int64_t(u) * kWarp;
+        c[u] = p < hi ? static_cast<int32_t>(col[p]) : -1;
+        v[u] = p < hi ? static_cast<A>(val[p]) : A(0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (c[u] < 0 || c[u] >= in) continue;
+#pragma unroll
+        for (int t = 0; t < G; ++t)
+          if (t < nt) acc[t] += v[u] * static_cast<A>(xg[t * in + c[u]]);
+      }
     }
     const A b = bias ? static_cast<A>(bias[o]) : A(0);
 #pragma unroll
@@ -117,21 +130,45 @@ __global__ void __launch_bounds__(kBlock) cols_spmm_t_kernel(const V* __restrict
   A* flat = &part[0][0][0];
   for (int e = threadIdx.x; e < (kBlock / kWarp) * G * kColTile; e += kBlock) flat[e] = A(0);
   __syncthreads();
-  for (int64_t o = r0 + warp; o < r1; o += kBlock / kWarp) {  // warp-uniform loop
-    const int64_t lo = clamp_offset(tile_ptr[o * width + tile], 0, nnz);
-    const int64_t hi = clamp_offset(tile_ptr[o * width + tile + 1], lo, nnz);
-    if (lo >= hi) continue;
-    A d[G];
+  // R rows of this warp at a time (rows o, o + 8, ...): their loads are in flight together
+  constexpr int R = 4, kWarps = kBlock / kWarp;
+  for (int64_t o = r0 + warp; o < r1; o += int64_t(kWarps) * R) {  // warp-uniform loop
+    int64_t lo[R], hi[R];
+    A d[R][G];
 #pragma unroll
-    for (int t = 0; t < G; ++t) d[t] = t < nt ? static_cast<A>(dy[(t0 + t) * out + o]) : A(0);
-    for (int64_t p = lo + lane; p < hi; p += kWarp) {
-      const int64_t c = static_cast<int64_t>(col[p]) - i0;
-      if (c < 0 || c >= kColTile || c + i0 >= in) continue;
-      const A v = static_cast<A>(val[p]);
+    for (int k = 0; k < R; ++k) {
+      const int64_t ok = o + int64_t(k) * kWarps;
+      lo[k] = ok < r1 ? clamp_offset(tile_ptr[ok * width + tile], 0, nnz) : 0;
+      hi[k] = ok < r1 ? clamp_offset(tile_ptr[ok * width + tile + 1], lo[k], nnz) : 0;
 #pragma unroll
-      for (int t = 0; t < G; ++t) part[warp][t][c] += v * d[t];
+      for (int t = 0; t < G; ++t)
+        d[k][t] = (lo[k] < hi[k] && t < nt) ? static_cast<A>(dy[(t0 + t) * out + ok]) : A(0);
     }
-    __syncwarp();  // the next row's lanes may touch the same columns
+#pragma unroll
+    for (int q = 0; q < kColTile / kWarp; ++q) {  // a row has at most kColTile non-zeros in a tile
+      bool more = false;
+#pragma unroll
+      for (int k = 0; k < R; ++k) more |= lo[k] + q * kWarp < hi[k];
+      if (!more) break;  // warp-uniform
+      int32_t c[R];
+      A v[R];
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const int64_t p = lo[k] + q * kWarp + lane;
+        const int64_t cc = p < hi[k] ? static_cast<int64_t>(col[p]) - i0 : -1;
+        const bool ok = cc >= 0 && cc < kColTile && cc + i0 < in;
+        c[k] = ok ? static_cast<int32_t>(cc) : -1;
+        v[k] = ok ? static_cast<A>(val[p]) : A(0);
+      }
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (c[k] >= 0) {
+#pragma unroll
+          for (int t = 0; t < G; ++t) part[warp][t][c[k]] += v[k] * d[k][t];
+        }
+        __syncwarp();  // another lane may hold the same column in the next row
+      }
+    }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < G * kColTile; e += kBlock) {
@@ -234,27 +271,36 @@ at::Tensor cols_spmm_t(const at::Tensor& dy, const at::Tensor& tile_ptr, const a
     using V = typename decltype(vt)::type;
     using I = typename decltype(it)::type;
     using A = typename Acc<V>::type;
-    constexpr int G = group_tokens<A>();
-    const int64_t tiles = (in + kColTile - 1) / kColTile, groups = (T + G - 1) / G;
-    TORCH_CHECK(tiles <= 65535, "seft: csr_spmm_t: more than 8.4 M input features for the CUDA-core kernel (", in,
-                ")");
-    // split the rows until there are ~2 blocks per SM, keeping >= 64 rows per split
-    const int64_t want = (2 * int64_t(sms) + tiles * groups - 1) / (tiles * groups);
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, (out + 63) / 64, 32}));
-    const int64_t rows_per_split = (out + splits - 1) / splits;
-    at::Tensor partial;
-    if (splits > 1) partial = at::empty({splits, T, in}, dy.options().dtype(c10::CppTypeToScalarType<A>::value));
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-    cols_spmm_t_kernel<A, V, I, G><<<grid, kBlock, 0, stream>>>(
-        dy.const_data_ptr<V>(), tile_ptr.const_data_ptr<int32_t>(), tile_ptr.size(1), col.const_data_ptr<I>(),
-        val.const_data_ptr<V>(), dx.data_ptr<V>(), splits > 1 ? partial.data_ptr<A>() : nullptr, T, in, out,
-        col.numel(), rows_per_split);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) {
-      sum_splits_kernel<A, V><<<blocks_for(T * in), kBlock, 0, stream>>>(partial.const_data_ptr<A>(),
-                                                                          dx.data_ptr<V>(), T * in, splits);
+    auto launch = [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      const int64_t tiles = (in + kColTile - 1) / kColTile, groups = (T + G - 1) / G;
+      TORCH_CHECK(tiles <= 65535, "seft: csr_spmm_t: more than 8.4 M input features for the CUDA-core kernel (",
+                  in, ")");
+      // Split the rows until ~64 warps per SM are busy (each keeps R rows' loads in flight),
+      // keeping >= 32 rows per split; the splits' partials are summed in a fixed order.
+      const int64_t want_blocks = int64_t(sms) * 64 / (kBlock / kWarp);
+      const int64_t want = (want_blocks + tiles * groups - 1) / (tiles * groups);
+      const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, (out + 31) / 32, 64}));
+      const int64_t rows_per_split = (out + splits - 1) / splits;
+      at::Tensor partial;
+      if (splits > 1) partial = at::empty({splits, T, in}, dy.options().dtype(c10::CppTypeToScalarType<A>::value));
+      const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+      cols_spmm_t_kernel<A, V, I, G><<<grid, kBlock, 0, stream>>>(
+          dy.const_data_ptr<V>(), tile_ptr.const_data_ptr<int32_t>(), tile_ptr.size(1), col.const_data_ptr<I>(),
+          val.const_data_ptr<V>(), dx.data_ptr<V>(), splits > 1 ? partial.data_ptr<A>() : nullptr, T, in, out,
+          col.numel(), rows_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+      if (splits > 1) {
+        sum_splits_kernel<A, V><<<blocks_for(T * in), kBlock, 0, stream>>>(partial.const_data_ptr<A>(),
+                                                                            dx.data_ptr<V>(), T * in, splits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
+    // a group of 1, 2, 4 or 8 tokens (4 at most for fp64: 8 warps x G x 128 accumulators <= 32 KB)
+    if (T == 1) launch(std::integral_constant<int, 1>{});
+    else if (T == 2) launch(std::integral_constant<int, 2>{});
+    else if (T <= 4 || sizeof(A) == 8) launch(std::integral_constant<int, 4>{});
+    else launch(std::integral_constant<int, group_tokens<A>()>{});
   });
   return dx;
 }

@@ -26,12 +26,19 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import ops
 from .config import SEFTConfig
 from .seft_linear import SEFTLinear
 
 log = logging.getLogger("seft_ext")
 
 COUNT_NAMES = ("dropped", "grown", "reactivated", "pruned", "undropped")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """t itself when on the CPU; else an asynchronous copy into pinned host memory (read it only
+    after a synchronisation)."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
 
 
 def _nvtx_range(name: str, on: bool):
@@ -130,12 +137,9 @@ class SEFTController:
         if self.is_evolution_step(t):
             if self.group is not None:
                 self._reduce_windows()
-            report = OrderedDict()
             on_cuda = any(m.theta.is_cuda for m in self.layers.values())
             with _nvtx_range(f"seft::evolution_step {t}", on_cuda):
-                for name, layer in self.layers.items():
-                    report[name] = self._evolve_layer(name, layer, t)
-                    layer.window.reset()
+                report = self._evolve_all(t)
             if self.group is not None:
                 from .distributed import check_same_topology
 
@@ -163,42 +167,81 @@ class SEFTController:
             self._warned.add(name)
             warnings.warn(f"SEFT: {name}: {msg} (warned once per layer)", RuntimeWarning, stacklevel=3)
 
-    def _evolve_layer(self, name: str, layer: SEFTLinear, t: int) -> dict:
-        w = layer.window
-        n = self.num_drop(layer, t)
-        if n == 0:
-            return {"skipped": "nothing to drop"}
-        if not w.finite or (w.tracked is not None and not (torch.isfinite(w.gsum).all() and
-                                                            torch.isfinite(w.g2sum).all())):
-            self._warn_once(name, f"NaN or Inf in the window statistics at step {t}; evolution skipped, "
-                                  "topology and values untouched")
-            return {"skipped": "non-finite statistics"}
-        if not torch.isfinite(layer.delta).all():
-            self._warn_once(name, f"NaN or Inf in the delta at step {t}; evolution skipped")
-            return {"skipped": "non-finite delta"}
-        if w.tracked is None:
-            self._warn_once(name, f"no backward pass reached this layer in the window before step {t}; "
-                                  "evolution skipped")
-            return {"skipped": "no statistics"}
-        remap, counts = layer.evolve_(n, w.tracked, w.gsum)
-        self._remap_optimizer(layer, remap, w)
-        return dict(zip(COUNT_NAMES, counts.tolist()))
+    # The arrays a decision reads and rewrites, in the order of csr_drop_grow_adapt_'s arguments.
+    _ARRAYS = ("crow", "col", "theta", "delta_slots", "delta")
+
+    @torch.no_grad()
+    def _evolve_all(self, t: int) -> "OrderedDict[str, dict]":
+        """Every layer's drop / grow / adapt, decided on the host by the CPU kernel. For CUDA
+        layers all that the decisions read (the layers' arrays, the windows' statistics and
+        their finiteness flags) is copied to pinned host memory asynchronously and waited for
+        once: one synchronisation per evolution step, whatever the number of layers; the
+        results go back asynchronously."""
+        report: "OrderedDict[str, dict]" = OrderedDict()
+        todo = []  # (name, layer, num_drop, host arrays, host tracked, host gsum, flags index)
+        flags = []
+        for name, layer in self.layers.items():
+            w = layer.window
+            n = self.num_drop(layer, t)
+            if n == 0:
+                report[name] = {"skipped": "nothing to drop"}
+            elif not w.finite:
+                report[name] = self._skip(name, t, "non-finite statistics")
+            elif w.tracked is None:
+                report[name] = self._skip(name, t, "no statistics")
+            else:
+                report[name] = None  # decided below
+                flags.append(torch.stack([torch.isfinite(w.gsum).all() & torch.isfinite(w.g2sum).all(),
+                                          torch.isfinite(layer.delta).all()]))
+                arrays = [_to_host(getattr(layer, a).detach()) for a in self._ARRAYS]
+                todo.append((name, layer, n, arrays, _to_host(w.tracked), _to_host(w.gsum), len(flags) - 1))
+        host_flags = _to_host(torch.stack(flags)) if flags else None
+        if any(layer.theta.is_cuda for _, layer, *_ in todo):
+            torch.cuda.current_stream().synchronize()  # the one sync: the copies above are done
+        for name, layer, n, arrays, tracked, gsum, i in todo:
+            if not bool(host_flags[i, 0]):
+                report[name] = self._skip(name, t, "non-finite statistics")
+                continue
+            if not bool(host_flags[i, 1]):
+                report[name] = self._skip(name, t, "non-finite delta", "NaN or Inf in the delta")
+                continue
+            remap, counts = ops.csr_drop_grow_adapt_(*arrays, tracked, gsum, n, layer.in_features, layer.budget,
+                                                    layer.nm_n, layer.nm_m, layer.grow_inactive)
+            for a, h in zip(self._ARRAYS, arrays):
+                dev = getattr(layer, a)
+                if dev.device.type != "cpu":  # on the CPU the op rewrote the layer's own arrays
+                    dev.detach().copy_(h, non_blocking=True)  # h is pinned: an asynchronous upload
+            self._remap_optimizer(layer, remap, layer.window)
+            report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
+        for layer in self.layers.values():
+            layer.window.reset()
+        return report
+
+    def _skip(self, name: str, t: int, why: str, what: Optional[str] = None) -> dict:
+        msgs = {"non-finite statistics": f"NaN or Inf in the window statistics at step {t}; evolution skipped, "
+                                         "topology and values untouched",
+                "no statistics": f"no backward pass reached this layer in the window before step {t}; "
+                                 "evolution skipped"}
+        self._warn_once(name, msgs.get(why, f"{what} at step {t}; evolution skipped"))
+        return {"skipped": why}
 
     @torch.no_grad()
     def _remap_optimizer(self, layer: SEFTLinear, remap: torch.Tensor, w) -> None:
+        """Moves the delta's optimizer state with its slots (remap: old slot or -1 per new slot,
+        on any device). Index lists are made on the host: no device -> host read."""
         p = layer.delta
         p.grad = None  # computed for the old topology
         state = self.optimizer.state.get(p) if self.optimizer is not None else None
         if not state:
             return
-        grown = remap < 0
-        src = remap.clamp(min=0)
+        remap = remap.cpu()
+        grown_h = torch.nonzero(remap < 0).flatten()
+        src = remap.clamp(min=0).to(p.device, non_blocking=True)
+        grown = grown_h.to(p.device, non_blocking=True)
         for key, val in state.items():
             if torch.is_tensor(val) and val.shape == p.shape:
-                new = val[src]
-                new[grown] = 0
-                val.copy_(new)
-        if not (self.config.seed_optimizer and bool(grown.any()) and "exp_avg" in state):
+                val.copy_(val[src].index_fill_(0, grown, 0))
+        if not (self.config.seed_optimizer and grown_h.numel() > 0 and "exp_avg" in state):
             return
         pos = layer.slot_positions()[grown]
         idx = torch.searchsorted(w.tracked, pos)
