@@ -146,15 +146,21 @@ def test_torchrun_two_ranks_on_cuda(tiny_model_dir, tmp_path):
     assert s["world_size"] == 2 and s["device"].startswith("cuda") and s["topology_changes"] > 0
 
 
-def test_evolution_step_synchronises_once():
-    """All layers' decisions share one device -> host wait (the controller's stream sync); the
-    ops themselves read nothing back once their patterns are checked."""
-    cfg = SEFTConfig(sparsity=0.6, budget="layer", update_interval=2, grow_accumulation=1, scan_sketch=0)
-    layers = [make_layer(48, 64, "layer", torch.bfloat16, s).cuda() for s in range(4)]
+def bf16_stack(n_layers, update_interval):
+    """n bf16 SEFT layers (48 x 64) on CUDA, AdamW, a controller over 8 steps, 80 tokens of input."""
+    cfg = SEFTConfig(sparsity=0.6, budget="layer", update_interval=update_interval, grow_accumulation=1,
+                     scan_sketch=0)
+    layers = [make_layer(48, 64, "layer", torch.bfloat16, s).cuda() for s in range(n_layers)]
     model = torch.nn.Sequential(*layers)
     opt = torch.optim.AdamW([m.delta for m in layers], lr=1e-2)
     ctl = SEFTController(model, opt, cfg, total_steps=8)
-    x = torch.randn(80, 64, device="cuda", dtype=torch.bfloat16)
+    return model, opt, ctl, torch.randn(80, 64, device="cuda", dtype=torch.bfloat16)
+
+
+def test_evolution_step_synchronises_once():
+    """All layers' decisions share one device -> host wait (the controller's stream sync); the
+    ops themselves read nothing back once their patterns are checked."""
+    model, opt, ctl, x = bf16_stack(4, update_interval=2)
     syncs = []
     for t in range(1, 7):
         model(x).float().pow(2).sum().backward()
@@ -172,3 +178,22 @@ def test_evolution_step_synchronises_once():
         else:
             ctl.step()
     assert syncs and all(n <= 1 for n in syncs), syncs
+
+
+def test_training_step_after_evolution_does_not_synchronise():
+    """The controller adopts each new pattern after checking it on the host, so the forward and
+    backward after an evolution step (outside an evolution window) read nothing back."""
+    model, opt, ctl, x = bf16_stack(3, update_interval=4)
+    for t in range(1, 6):
+        if t == 5:  # the step after the evolution at t = 4; the next window starts at t = 8
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x).float().pow(2).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+        opt.zero_grad()
+        report = ctl.step()
+        if t == 4:
+            assert report and all("skipped" not in v for v in report.values()), report

@@ -95,3 +95,27 @@ def test_evolution_step_bumps_the_pattern_versions():
                              torch.tensor([5.0]), 1, 2)
     after = [t._version for t in (crow, col, theta, slots, delta)]
     assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def test_adopt_pattern_checks_the_host_copies():
+    """csr_adopt_pattern (the controller's way to mark an uploaded pattern as checked) checks
+    the host copies in full and refuses copies that do not match the device tensors."""
+    w = random_weight(6, 20, 0.5, torch.float32)
+    adopt = torch.ops.seft.csr_adopt_pattern
+    adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone())
+    bad = w.col.clone()
+    r = int(torch.nonzero((w.crow[1:] - w.crow[:-1]) >= 2)[0])
+    bad[int(w.crow[r]) + 1] = bad[int(w.crow[r])]
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        adopt(w.crow, w.col, 20, w.crow.clone(), bad)
+    with pytest.raises(RuntimeError, match="out of range"):
+        adopt(w.crow, w.col, int(w.col.max()), w.crow.clone(), w.col.clone())
+    slots = torch.arange(0, w.col.numel(), 2)
+    adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, slots.clone())
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, slots.flip(0).contiguous())
+    with pytest.raises(RuntimeError, match="both slots"):
+        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, None)
+    with pytest.raises(RuntimeError, match="must match"):
+        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone().to(torch.int32 if w.col.dtype == torch.int16
+                                                                     else torch.int16))

@@ -84,6 +84,11 @@ at::Tensor checked_structure(const at::Tensor& crow, const at::Tensor& col, int6
   return lookup_or_check(Key{crow.unsafeGetTensorImpl(), col.unsafeGetTensorImpl(), in}, {crow, col}, check);
 }
 
+void remember_structure(const at::Tensor& crow, const at::Tensor& col, int64_t in, const at::Tensor& derived) {
+  if (!cacheable(crow) || !cacheable(col)) return;
+  lookup_or_check(Key{crow.unsafeGetTensorImpl(), col.unsafeGetTensorImpl(), in}, {crow, col}, [&] { return derived; });
+}
+
 void checked_slots(const at::Tensor& slots, int64_t nnz, const std::function<void()>& check) {
   const auto run = [&] {
     check();
@@ -95,6 +100,10 @@ void checked_slots(const at::Tensor& slots, int64_t nnz, const std::function<voi
   }
   // -1 - nnz: slot keys never collide with a structure key (whose third member is >= 0).
   lookup_or_check(Key{slots.unsafeGetTensorImpl(), nullptr, -1 - nnz}, {slots}, run);
+}
+
+void remember_slots(const at::Tensor& slots, int64_t nnz) {
+  checked_slots(slots, nnz, [] {});
 }
 
 int64_t structure_cache_size() {

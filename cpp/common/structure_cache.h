@@ -23,8 +23,13 @@ namespace seft {
 at::Tensor checked_structure(const at::Tensor& crow, const at::Tensor& col, int64_t in,
                              const std::function<at::Tensor()>& check);
 
+// Records (crow, col, in) as checked, with its derived tensor, without a device check: for a
+// pattern the caller has just checked on the host and copied to these tensors itself.
+void remember_structure(const at::Tensor& crow, const at::Tensor& col, int64_t in, const at::Tensor& derived);
+
 // The same for a slots list against nnz.
 void checked_slots(const at::Tensor& slots, int64_t nnz, const std::function<void()>& check);
+void remember_slots(const at::Tensor& slots, int64_t nnz);
 
 // Number of live entries (for tests and diagnostics) and a way to drop them all.
 int64_t structure_cache_size();

@@ -137,6 +137,30 @@ void check_tile_ptr_args(const char* op, const at::Tensor& crow, const at::Tenso
   TORCH_CHECK(tile >= 1 && tile <= (int64_t(1) << 30), op, ": tile must be in [1, 2^30], got ", tile);
 }
 
+void check_adopt_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
+                      const at::Tensor& crow_host, const at::Tensor& col_host,
+                      const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& slots_host) {
+  TORCH_CHECK(in_features >= 0, op, ": in_features must be >= 0, got ", in_features);
+  TORCH_CHECK(crow_host.defined() && col_host.defined() && crow_host.device().is_cpu() && col_host.device().is_cpu(),
+              op, ": crow_host and col_host must be CPU tensors");
+  check_csr(op, crow_host, col_host, nullptr, crow_host.device(), /*check_offsets=*/true);
+  check_cols_cpu(op, crow_host.contiguous(), col_host.contiguous(), in_features);
+  check_csr(op, crow, col, nullptr, crow.device(), /*check_offsets=*/crow.device().is_cpu());
+  TORCH_CHECK(crow.numel() == crow_host.numel() && col.numel() == col_host.numel() &&
+                  col.scalar_type() == col_host.scalar_type(),
+              op, ": crow_host / col_host must match crow / col in size and dtype, got ", crow_host.sizes(), " / ",
+              col_host.sizes(), " ", col_host.scalar_type(), " for ", crow.sizes(), " / ", col.sizes(), " ",
+              col.scalar_type());
+  const bool has_slots = slots && slots->defined(), has_host = slots_host && slots_host->defined();
+  TORCH_CHECK(has_slots == has_host, op, ": give both slots and slots_host, or neither");
+  if (!has_slots) return;
+  TORCH_CHECK(slots_host->device().is_cpu(), op, ": slots_host must be a CPU tensor");
+  check_slots_cpu(op, slots_host->contiguous(), col_host.numel());
+  TORCH_CHECK(slots->dim() == 1 && slots->scalar_type() == at::kLong && slots->numel() == slots_host->numel() &&
+                  slots->device() == crow.device(),
+              op, ": slots must be int64 [", slots_host->numel(), "] on ", crow.device(), ", like slots_host");
+}
+
 void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                       const at::Tensor& col, const std::optional<at::Tensor>& slots, bool check_offsets) {
   TORCH_CHECK(x.defined() && x.dim() >= 1, op, ": x must have at least 1 dimension");

@@ -225,6 +225,18 @@ at::Tensor csr_tile_ptr_cuda(const at::Tensor& crow, const at::Tensor& col, int6
   return build_tile_ptr(crow_c, col_c, in_features, tile);
 }
 
+void csr_adopt_pattern_cuda(const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
+                            const at::Tensor& crow_host, const at::Tensor& col_host,
+                            const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& slots_host) {
+  const char* op = "csr_adopt_pattern";
+  check_adopt_args(op, crow, col, in_features, crow_host, col_host, slots, slots_host);
+  if (slots && slots->defined()) remember_slots(*slots, col.numel());
+  const c10::cuda::CUDAGuard guard(crow.device());
+  // queued after the caller's uploads on this stream: the index is built from the new pattern
+  remember_structure(crow, col, in_features, build_tile_ptr(crow.contiguous(), col.contiguous(), in_features,
+                                                            kColTile));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(seft, CUDA, m) {
@@ -232,6 +244,7 @@ TORCH_LIBRARY_IMPL(seft, CUDA, m) {
   m.impl("csr_spmm_t", &csr_spmm_t_cuda);
   m.impl("csr_sddmm", &csr_sddmm_cuda);
   m.impl("csr_tile_ptr", &csr_tile_ptr_cuda);
+  m.impl("csr_adopt_pattern", &csr_adopt_pattern_cuda);
 }
 
 }  // namespace seft::cuda

@@ -77,50 +77,34 @@ __device__ __forceinline__ int64_t clamp_offset(int32_t v, int64_t lo, int64_t n
 }
 
 // ------------------------------------------------------------------ dense operand slices
-// The token-major operand of tc_spmm / tc_spmm_t: S[n][k] = D[t0 + n][k0 + k] (128 x 32),
-// D (T, K) row-major with leading dimension ld. 512 16-byte chunks, 2 per thread.
-template <typename T>
-struct TokenSlice {
-  static constexpr int kLd = kBK + kPad;
+// A dense R x C slice of a row-major matrix D (rows, cols; leading dimension ld) at (r0, c0),
+// stored S[r][c] with leading dimension C + kPad; out-of-range entries are 0. R * C / 8 = 512
+// 16-byte chunks, 2 per thread, staged in registers between fetch and store.
+//   TokenSlice: tc_spmm / tc_spmm_t's token-major operand, S[n][k] = D[t0 + n][k0 + k] (128 x 32);
+//   RowSlice:   tc_sddmm's reduction-major operands, S[k][m] = D[t0 + k][m0 + m] (32 x 128).
+template <typename T, int R, int C>
+struct DenseSlice {
+  static constexpr int kLd = C + kPad, kPerRow = C / 8;
+  static_assert(R * kPerRow == 2 * kThreads, "two chunks per thread");
   uint4 reg[2];
 
-  __device__ void fetch(const T* d, int64_t T_, int64_t K, int64_t ld, int64_t t0, int64_t k0, bool vec) {
+  __device__ void fetch(const T* d, int64_t rows, int64_t cols, int64_t ld, int64_t r0, int64_t c0, bool vec) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int q = threadIdx.x + j * kThreads;
-      reg[j] = load8(d, T_, K, ld, t0 + q / 4, k0 + (q % 4) * 8, vec);
+      reg[j] = load8(d, rows, cols, ld, r0 + q / kPerRow, c0 + (q % kPerRow) * 8, vec);
     }
   }
   __device__ void store(T* s) const {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int q = threadIdx.x + j * kThreads;
-      *reinterpret_cast<uint4*>(s + (q / 4) * kLd + (q % 4) * 8) = reg[j];
+      *reinterpret_cast<uint4*>(s + (q / kPerRow) * kLd + (q % kPerRow) * 8) = reg[j];
     }
   }
 };
-
-// The reduction-major operands of tc_sddmm: S[k][m] = D[t0 + k][m0 + m] (32 x 128).
-template <typename T>
-struct RowSlice {
-  static constexpr int kLd = kBM + kPad;
-  uint4 reg[2];
-
-  __device__ void fetch(const T* d, int64_t T_, int64_t M, int64_t t0, int64_t m0, bool vec) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int q = threadIdx.x + j * kThreads;
-      reg[j] = load8(d, T_, M, M, t0 + q / 16, m0 + (q % 16) * 8, vec);
-    }
-  }
-  __device__ void store(T* s) const {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int q = threadIdx.x + j * kThreads;
-      *reinterpret_cast<uint4*>(s + (q / 16) * kLd + (q % 16) * 8) = reg[j];
-    }
-  }
-};
+template <typename T> using TokenSlice = DenseSlice<T, kBN, kBK>;
+template <typename T> using RowSlice = DenseSlice<T, kBK, kBM>;
 
 // ------------------------------------------------------------------ sparse operand slices
 // tc_spmm: the W tile rows [o0, o0 + 128) x columns [k0, k0 + 32), stored A[r][k] (row-major
@@ -281,6 +265,26 @@ __device__ __forceinline__ void zero(FragC (&acc)[2][4]) {
     for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 }
 
+// The slice loop of every kernel here, on one shared buffer: fetch(s) loads slice s into
+// registers, store() writes them to shared memory, mma() multiplies what shared memory holds.
+// The next slice's loads are in flight during the current slice's products.
+template <typename Fetch, typename Store, typename Mma>
+__device__ __forceinline__ void slice_loop(int64_t slices, Fetch&& fetch, Store&& store, Mma&& mma) {
+  if (slices > 0) {
+    fetch(0);
+    store();
+  }
+  __syncthreads();
+  for (int64_t s = 0; s < slices; ++s) {
+    const bool more = s + 1 < slices;
+    if (more) fetch(s + 1);
+    mma();
+    __syncthreads();
+    if (more) store();
+    __syncthreads();
+  }
+}
+
 // ------------------------------------------------------------------ kernels
 // grid (ceil(T / 128), ceil(out / 128)).
 template <typename T, typename I>
@@ -301,28 +305,20 @@ __global__ void __launch_bounds__(kThreads) tc_spmm_kernel(const T* __restrict__
   a.init(crow, out, nnz, o0);
   FragC acc[2][4];
   zero(acc);
-  const int64_t slices = (in + kBK - 1) / kBK;
-  if (slices > 0) {
-    a.fetch(col, val, 0, in);
-    b.fetch(x, T_, in, in, t0, 0, vec);
-    a.store(sa);
-    b.store(sb);
-  }
-  __syncthreads();
-  for (int64_t s = 0; s < slices; ++s) {
-    const bool more = s + 1 < slices;
-    if (more) {  // next slice's loads in flight during this slice's products
-      a.fetch(col, val, (s + 1) * kBK, in);
-      b.fetch(x, T_, in, in, t0, (s + 1) * kBK, vec);
-    }
-    mma_slice<T, wmma::row_major, wmma::col_major>(acc, sa, RowCursorSlice<T, I>::kLd, sb, TokenSlice<T>::kLd, w);
-    __syncthreads();
-    if (more) {
-      a.store(sa);
-      b.store(sb);
-    }
-    __syncthreads();
-  }
+  slice_loop(
+      (in + kBK - 1) / kBK,
+      [&](int64_t s) {
+        a.fetch(col, val, s * kBK, in);
+        b.fetch(x, T_, in, in, t0, s * kBK, vec);
+      },
+      [&] {
+        a.store(sa);
+        b.store(sb);
+      },
+      [&] {
+        mma_slice<T, wmma::row_major, wmma::col_major>(acc, sa, RowCursorSlice<T, I>::kLd, sb, TokenSlice<T>::kLd,
+                                                        w);
+      });
   store_transposed(acc, scratch[w.id], y, bias, out, T_, o0, t0, w);
 }
 
@@ -344,28 +340,20 @@ __global__ void __launch_bounds__(kThreads) tc_spmm_t_kernel(const T* __restrict
   TokenSlice<T> b;
   FragC acc[2][4];
   zero(acc);
-  const int64_t slices = (out + kBK - 1) / kBK;
-  if (slices > 0) {
-    a.fetch(tile_ptr, width, tile, col, val, out, nnz, 0, i0, in);
-    b.fetch(dy, T_, out, out, t0, 0, vec);
-    a.store(sa);
-    b.store(sb);
-  }
-  __syncthreads();
-  for (int64_t s = 0; s < slices; ++s) {
-    const bool more = s + 1 < slices;
-    if (more) {
-      a.fetch(tile_ptr, width, tile, col, val, out, nnz, (s + 1) * kBK, i0, in);
-      b.fetch(dy, T_, out, out, t0, (s + 1) * kBK, vec);
-    }
-    mma_slice<T, wmma::col_major, wmma::col_major>(acc, sa, ColTileSlice<T, I>::kLd, sb, TokenSlice<T>::kLd, w);
-    __syncthreads();
-    if (more) {
-      a.store(sa);
-      b.store(sb);
-    }
-    __syncthreads();
-  }
+  slice_loop(
+      (out + kBK - 1) / kBK,
+      [&](int64_t s) {
+        a.fetch(tile_ptr, width, tile, col, val, out, nnz, s * kBK, i0, in);
+        b.fetch(dy, T_, out, out, t0, s * kBK, vec);
+      },
+      [&] {
+        a.store(sa);
+        b.store(sb);
+      },
+      [&] {
+        mma_slice<T, wmma::col_major, wmma::col_major>(acc, sa, ColTileSlice<T, I>::kLd, sb, TokenSlice<T>::kLd,
+                                                        w);
+      });
   store_transposed(acc, scratch[w.id], dx, static_cast<const T*>(nullptr), in, T_, i0, t0, w);
 }
 
@@ -394,28 +382,17 @@ __global__ void __launch_bounds__(kThreads) tc_sddmm_kernel(const T* __restrict_
   RowSlice<T> a, b;
   FragC acc[2][4];
   zero(acc);
-  const int64_t slices = (T_ + kBK - 1) / kBK;
-  if (slices > 0) {
-    a.fetch(dy, T_, out, 0, o0, vec_dy);
-    b.fetch(x, T_, in, 0, i0, vec_x);
-    a.store(sa);
-    b.store(sb);
-  }
-  __syncthreads();
-  for (int64_t s = 0; s < slices; ++s) {
-    const bool more = s + 1 < slices;
-    if (more) {
-      a.fetch(dy, T_, out, (s + 1) * kBK, o0, vec_dy);
-      b.fetch(x, T_, in, (s + 1) * kBK, i0, vec_x);
-    }
-    mma_slice<T, wmma::col_major, wmma::row_major>(acc, sa, RowSlice<T>::kLd, sb, RowSlice<T>::kLd, w);
-    __syncthreads();
-    if (more) {
-      a.store(sa);
-      b.store(sb);
-    }
-    __syncthreads();
-  }
+  slice_loop(
+      (T_ + kBK - 1) / kBK,
+      [&](int64_t s) {
+        a.fetch(dy, T_, out, out, s * kBK, o0, vec_dy);
+        b.fetch(x, T_, in, in, s * kBK, i0, vec_x);
+      },
+      [&] {
+        a.store(sa);
+        b.store(sb);
+      },
+      [&] { mma_slice<T, wmma::col_major, wmma::row_major>(acc, sa, RowSlice<T>::kLd, sb, RowSlice<T>::kLd, w); });
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll

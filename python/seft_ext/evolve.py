@@ -207,10 +207,12 @@ class SEFTController:
                 continue
             remap, counts = ops.csr_drop_grow_adapt_(*arrays, tracked, gsum, n, layer.in_features, layer.budget,
                                                     layer.nm_n, layer.nm_m, layer.grow_inactive)
-            for a, h in zip(self._ARRAYS, arrays):
-                dev = getattr(layer, a)
-                if dev.device.type != "cpu":  # on the CPU the op rewrote the layer's own arrays
-                    dev.detach().copy_(h, non_blocking=True)  # h is pinned: an asynchronous upload
+            if layer.crow.device.type != "cpu":  # on the CPU the op rewrote the layer's own arrays
+                for a, h in zip(self._ARRAYS, arrays):
+                    getattr(layer, a).detach().copy_(h, non_blocking=True)  # h is pinned: asynchronous
+                # the new pattern, checked here on the host: the next forward needs no device check
+                torch.ops.seft.csr_adopt_pattern(layer.crow, layer.col, layer.in_features, arrays[0], arrays[1],
+                                                 layer.delta_slots, arrays[3])
             self._remap_optimizer(layer, remap, layer.window)
             report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
         for layer in self.layers.values():
