@@ -58,11 +58,11 @@ TORCH_LIBRARY(seft, m) {
   // row o's non-zeros in columns [j * tile, (j + 1) * tile) are [tp[o][j], tp[o][j + 1]).
   // The CUDA csr_spmm_t / csr_sddmm use it (tile 128) in place of a transposed copy of W.
   m.def("csr_tile_ptr(Tensor crow, Tensor col, int in_features, int tile=128) -> Tensor");
-  // After the caller copied crow_host / col_host (and slots_host) into crow / col (and slots)
-  // on a GPU: checks the host copies on the CPU and records the device tensors as checked, so
-  // the next op call needs no device check and no sync (the controller does this after an
-  // evolution step).
-  m.def("csr_adopt_pattern(Tensor crow, Tensor col, int in_features, Tensor crow_host, Tensor col_host, "
+  // Internal (the controller's, after an evolution step): the caller has just copied crow_host /
+  // col_host (and slots_host) into crow / col (and slots) on a GPU, on the current stream. Checks
+  // the host copies on the CPU and records the device tensors as checked, so the next op call
+  // needs no device check and no sync. It trusts that the device tensors hold the host copies.
+  m.def("_csr_adopt_pattern(Tensor crow, Tensor col, int in_features, Tensor crow_host, Tensor col_host, "
         "Tensor? slots=None, Tensor? slots_host=None) -> ()");
   // Patterns whose device-side check is remembered (cpp/common/structure_cache.h).
   m.def("structure_cache_size() -> int", &seft::structure_cache_size);

@@ -145,6 +145,36 @@ def test_nan_window_is_skipped_with_one_warning():
     assert all("dropped" in r for r in reports[3].values())
 
 
+def test_decisions_in_batches_match_one_batch():
+    """Layers decided in several host batches (a tiny SEFT_EVOLVE_HOST_BYTES) give the same
+    topology, values, optimizer state and reports as all layers in one batch."""
+    runs = []
+    for batch_bytes in (2 << 30, 1):
+        model = tiny_model()
+        opt = torch.optim.AdamW([m.delta for m in (model[0], model[2])], lr=1e-2)
+        ctl = SEFTController(model, opt, SEFTConfig(update_interval=3, grow_accumulation=2), total_steps=12)
+        ctl.HOST_BATCH_BYTES = batch_bytes
+        reports, _ = train(model, ctl, opt, 9)
+        state = [v.clone() for p in (model[0].delta, model[2].delta) for v in opt.state[p].values()
+                 if torch.is_tensor(v)]
+        runs.append((reports, snapshot(model), state))
+    assert runs[0][0] == runs[1][0] and any("dropped" in r for rep in runs[0][0].values() for r in rep.values())
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)
+
+
+def test_skip_warning_points_at_the_caller():
+    model = tiny_model()
+    ctl = SEFTController(model, None, SEFTConfig(update_interval=3, grow_accumulation=2), total_steps=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, ctl, None, 3, poison=2)
+    files = {w.filename for w in caught if issubclass(w.category, RuntimeWarning)}
+    assert files == {__file__}, files
+
+
 def test_state_dict_resume_is_exact():
     cfg = SEFTConfig(update_interval=4, grow_accumulation=3)
 

@@ -98,10 +98,10 @@ def test_evolution_step_bumps_the_pattern_versions():
 
 
 def test_adopt_pattern_checks_the_host_copies():
-    """csr_adopt_pattern (the controller's way to mark an uploaded pattern as checked) checks
+    """_csr_adopt_pattern (the controller's way to mark an uploaded pattern as checked) checks
     the host copies in full and refuses copies that do not match the device tensors."""
     w = random_weight(6, 20, 0.5, torch.float32)
-    adopt = torch.ops.seft.csr_adopt_pattern
+    adopt = torch.ops.seft._csr_adopt_pattern
     adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone())
     bad = w.col.clone()
     r = int(torch.nonzero((w.crow[1:] - w.crow[:-1]) >= 2)[0])

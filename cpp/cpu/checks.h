@@ -37,7 +37,7 @@ void check_sddmm_args(const char* op, const at::Tensor& grad_out, const at::Tens
 void check_tile_ptr_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
                          int64_t tile, const at::Device& device);
 
-// csr_adopt_pattern: the host copies checked in full (offsets, columns against in_features),
+// _csr_adopt_pattern: the host copies checked in full (offsets, columns against in_features),
 // and matching crow / col in size and dtype.
 void check_adopt_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
                       const at::Tensor& crow_host, const at::Tensor& col_host,

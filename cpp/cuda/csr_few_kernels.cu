@@ -11,8 +11,8 @@
 //                4 of its rows at a time (their loads in flight together), their non-zeros in
 //                that tile located by the column-tile index, and accumulates into its own
 //                shared-memory partial; the 8 partials are summed in a fixed order. The rows
-//                are split across blocks until ~64 warps per SM are busy; the splits'
-//                partials go to a workspace summed in a fixed order.
+//                are split across blocks until each SM has ~3 blocks; the splits' partials go
+//                to a workspace summed in a fixed order.
 //   warp_sddmm   one warp per output non-zero: lanes stride over tokens.
 // All are deterministic. Offsets are clamped to [0, nnz] and column indices bounds-checked, so
 // a pattern changed behind the checks' back cannot make them read or write out of bounds.
@@ -276,9 +276,10 @@ at::Tensor cols_spmm_t(const at::Tensor& dy, const at::Tensor& tile_ptr, const a
       const int64_t tiles = (in + kColTile - 1) / kColTile, groups = (T + G - 1) / G;
       TORCH_CHECK(tiles <= 65535, "seft: csr_spmm_t: more than 8.4 M input features for the CUDA-core kernel (",
                   in, ")");
-      // Split the rows until ~64 warps per SM are busy (each keeps R rows' loads in flight),
-      // keeping >= 32 rows per split; the splits' partials are summed in a fixed order.
-      const int64_t want_blocks = int64_t(sms) * 64 / (kBlock / kWarp);
+      // Split the rows until each SM has ~3 blocks (what fits at ~80-128 registers a thread;
+      // each warp keeps R rows' loads in flight), keeping >= 32 rows per split; the splits'
+      // partials are summed in a fixed order.
+      const int64_t want_blocks = int64_t(sms) * 3;
       const int64_t want = (want_blocks + tiles * groups - 1) / (tiles * groups);
       const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, (out + 31) / 32, 64}));
       const int64_t rows_per_split = (out + splits - 1) / splits;

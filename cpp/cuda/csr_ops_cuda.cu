@@ -134,8 +134,10 @@ void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& c
 namespace {
 
 // The pattern's check, once per version (common/structure_cache.h), and its column-tile
-// index, built before the check's one sync so that it is complete on any stream. Keyed on the
-// tensors as passed (crow_c / col_c are their contiguous versions).
+// index, built before the check's one sync so that it is complete on any stream (an index
+// recorded by _csr_adopt_pattern is queued after the uploads on the controller's stream: a
+// call on another stream must order itself after them anyway). Keyed on the tensors as
+// passed (crow_c / col_c are their contiguous versions).
 at::Tensor checked_tile_ptr(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_c,
                             const at::Tensor& col_c, int64_t in) {
   at::Tensor tp = checked_structure(crow, col, in, [&] {
@@ -228,7 +230,7 @@ at::Tensor csr_tile_ptr_cuda(const at::Tensor& crow, const at::Tensor& col, int6
 void csr_adopt_pattern_cuda(const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
                             const at::Tensor& crow_host, const at::Tensor& col_host,
                             const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& slots_host) {
-  const char* op = "csr_adopt_pattern";
+  const char* op = "_csr_adopt_pattern";
   check_adopt_args(op, crow, col, in_features, crow_host, col_host, slots, slots_host);
   if (slots && slots->defined()) remember_slots(*slots, col.numel());
   const c10::cuda::CUDAGuard guard(crow.device());
@@ -244,7 +246,7 @@ TORCH_LIBRARY_IMPL(seft, CUDA, m) {
   m.impl("csr_spmm_t", &csr_spmm_t_cuda);
   m.impl("csr_sddmm", &csr_sddmm_cuda);
   m.impl("csr_tile_ptr", &csr_tile_ptr_cuda);
-  m.impl("csr_adopt_pattern", &csr_adopt_pattern_cuda);
+  m.impl("_csr_adopt_pattern", &csr_adopt_pattern_cuda);
 }
 
 }  // namespace seft::cuda

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -33,6 +34,13 @@ from .seft_linear import SEFTLinear
 log = logging.getLogger("seft_ext")
 
 COUNT_NAMES = ("dropped", "grown", "reactivated", "pruned", "undropped")
+
+
+def _decision_bytes(layer: SEFTLinear) -> int:
+    """Bytes of what a decision copies to the host for this layer."""
+    w = layer.window
+    ts = [getattr(layer, a) for a in SEFTController._ARRAYS] + [w.tracked, w.gsum]
+    return sum(x.numel() * x.element_size() for x in ts if x is not None)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,7 @@ class SEFTController:
             if self.group is not None:
                 self._reduce_windows()
             on_cuda = any(m.theta.is_cuda for m in self.layers.values())
-            with _nvtx_range(f"seft::evolution_step {t}", on_cuda):
+            with _nvtx_range(f"seft::evolution_step {t}", on_cuda), torch.no_grad():
                 report = self._evolve_all(t)
             if self.group is not None:
                 from .distributed import check_same_topology
@@ -162,69 +170,89 @@ class SEFTController:
             w.gsum = sum_over_ranks(w.gsum, self.group) / self.world
             w.g2sum = sum_over_ranks(w.g2sum, self.group) / self.world
 
-    def _warn_once(self, name: str, msg: str) -> None:
+    def _warn_once(self, name: str, msg: str, stacklevel: int = 3) -> None:
         if name not in self._warned:
             self._warned.add(name)
-            warnings.warn(f"SEFT: {name}: {msg} (warned once per layer)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"SEFT: {name}: {msg} (warned once per layer)", RuntimeWarning, stacklevel=stacklevel)
 
     # The arrays a decision reads and rewrites, in the order of csr_drop_grow_adapt_'s arguments.
     _ARRAYS = ("crow", "col", "theta", "delta_slots", "delta")
+    # Bytes of layer arrays one batch of decisions holds in pinned host memory (CUDA layers):
+    # one synchronisation per batch (per device), so one per step up to this size.
+    HOST_BATCH_BYTES = int(os.environ.get("SEFT_EVOLVE_HOST_BYTES", str(2 << 30)))
 
-    @torch.no_grad()
     def _evolve_all(self, t: int) -> "OrderedDict[str, dict]":
-        """Every layer's drop / grow / adapt, decided on the host by the CPU kernel. For CUDA
-        layers all that the decisions read (the layers' arrays, the windows' statistics and
-        their finiteness flags) is copied to pinned host memory asynchronously and waited for
-        once: one synchronisation per evolution step, whatever the number of layers; the
-        results go back asynchronously."""
+        """Every layer's drop / grow / adapt, decided on the host by the CPU kernel, in batches
+        of layers of at most HOST_BATCH_BYTES (see _decide)."""
         report: "OrderedDict[str, dict]" = OrderedDict()
-        todo = []  # (name, layer, num_drop, host arrays, host tracked, host gsum, flags index)
-        flags = []
+        batch, nbytes = [], 0
         for name, layer in self.layers.items():
-            w = layer.window
             n = self.num_drop(layer, t)
             if n == 0:
                 report[name] = {"skipped": "nothing to drop"}
-            elif not w.finite:
-                report[name] = self._skip(name, t, "non-finite statistics")
-            elif w.tracked is None:
-                report[name] = self._skip(name, t, "no statistics")
-            else:
-                report[name] = None  # decided below
-                flags.append(torch.stack([torch.isfinite(w.gsum).all() & torch.isfinite(w.g2sum).all(),
-                                          torch.isfinite(layer.delta).all()]))
-                arrays = [_to_host(getattr(layer, a).detach()) for a in self._ARRAYS]
-                todo.append((name, layer, n, arrays, _to_host(w.tracked), _to_host(w.gsum), len(flags) - 1))
-        host_flags = _to_host(torch.stack(flags)) if flags else None
-        if any(layer.theta.is_cuda for _, layer, *_ in todo):
-            torch.cuda.current_stream().synchronize()  # the one sync: the copies above are done
-        for name, layer, n, arrays, tracked, gsum, i in todo:
-            if not bool(host_flags[i, 0]):
+                continue
+            if not layer.window.finite:
                 report[name] = self._skip(name, t, "non-finite statistics")
                 continue
-            if not bool(host_flags[i, 1]):
-                report[name] = self._skip(name, t, "non-finite delta", "NaN or Inf in the delta")
-                continue
-            remap, counts = ops.csr_drop_grow_adapt_(*arrays, tracked, gsum, n, layer.in_features, layer.budget,
-                                                    layer.nm_n, layer.nm_m, layer.grow_inactive)
-            if layer.crow.device.type != "cpu":  # on the CPU the op rewrote the layer's own arrays
-                for a, h in zip(self._ARRAYS, arrays):
-                    getattr(layer, a).detach().copy_(h, non_blocking=True)  # h is pinned: asynchronous
-                # the new pattern, checked here on the host: the next forward needs no device check
-                torch.ops.seft.csr_adopt_pattern(layer.crow, layer.col, layer.in_features, arrays[0], arrays[1],
-                                                 layer.delta_slots, arrays[3])
-            self._remap_optimizer(layer, remap, layer.window)
-            report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
+            report[name] = {}  # decided in _decide
+            b = _decision_bytes(layer)
+            if batch and nbytes + b > self.HOST_BATCH_BYTES:
+                self._decide(batch, t, report)
+                batch, nbytes = [], 0
+            batch.append((name, layer, n))
+            nbytes += b
+        if batch:
+            self._decide(batch, t, report)
         for layer in self.layers.values():
             layer.window.reset()
         return report
 
-    def _skip(self, name: str, t: int, why: str, what: Optional[str] = None) -> dict:
+    def _decide(self, batch: list, t: int, report: dict) -> None:
+        """For CUDA layers, all that the batch's decisions read (arrays, window statistics,
+        finiteness flags) is copied to pinned host memory asynchronously and waited for once per
+        device; the CPU kernel decides; the results go back asynchronously and the new patterns,
+        checked here, are adopted (no device check at the next step)."""
+        staged, devices = [], set()
+        for name, layer, n in batch:
+            w = layer.window
+            ok = [torch.isfinite(layer.delta).all()]
+            host = None
+            if w.tracked is not None:
+                ok.append(torch.isfinite(w.gsum).all() & torch.isfinite(w.g2sum).all())
+                host = ([_to_host(getattr(layer, a).detach()) for a in self._ARRAYS], _to_host(w.tracked),
+                        _to_host(w.gsum))
+            staged.append((name, layer, n, _to_host(torch.stack(ok)), host))
+            if layer.theta.is_cuda:
+                devices.add(layer.theta.device)
+        for d in sorted(devices, key=str):
+            torch.cuda.current_stream(d).synchronize()  # the copies above are done
+        for name, layer, n, ok, host in staged:
+            if host is not None and not bool(ok[1]):
+                report[name] = self._skip(name, t, "non-finite statistics", depth=1)
+            elif not bool(ok[0]):
+                report[name] = self._skip(name, t, "non-finite delta", "NaN or Inf in the delta", depth=1)
+            elif host is None:
+                report[name] = self._skip(name, t, "no statistics", depth=1)
+            else:
+                arrays, tracked, gsum = host
+                remap, counts = ops.csr_drop_grow_adapt_(*arrays, tracked, gsum, n, layer.in_features,
+                                                        layer.budget, layer.nm_n, layer.nm_m, layer.grow_inactive)
+                if layer.crow.device.type != "cpu":  # on the CPU the op rewrote the layer's own arrays
+                    for a, h in zip(self._ARRAYS, arrays):
+                        getattr(layer, a).detach().copy_(h, non_blocking=True)  # h is pinned: asynchronous
+                    # the new pattern, checked here on the host: the next step needs no device check
+                    torch.ops.seft._csr_adopt_pattern(layer.crow, layer.col, layer.in_features, arrays[0],
+                                                      arrays[1], layer.delta_slots, arrays[3])
+                self._remap_optimizer(layer, remap, layer.window)
+                report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
+
+    def _skip(self, name: str, t: int, why: str, what: Optional[str] = None, depth: int = 0) -> dict:
         msgs = {"non-finite statistics": f"NaN or Inf in the window statistics at step {t}; evolution skipped, "
                                          "topology and values untouched",
                 "no statistics": f"no backward pass reached this layer in the window before step {t}; "
                                  "evolution skipped"}
-        self._warn_once(name, msgs.get(why, f"{what} at step {t}; evolution skipped"))
+        # stacklevel: _warn_once, _skip, [_decide,] _evolve_all, step, the caller of step
+        self._warn_once(name, msgs.get(why, f"{what} at step {t}; evolution skipped"), stacklevel=5 + depth)
         return {"skipped": why}
 
     @torch.no_grad()

@@ -86,7 +86,7 @@ if _lib.load_error is None:
         torch._check(grad_out.dtype == values.dtype, lambda: "csr_spmm_t: grad_out and values dtypes differ")
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
-    @torch.library.register_fake("seft::csr_adopt_pattern")
+    @torch.library.register_fake("seft::_csr_adopt_pattern")
     def _csr_adopt_pattern_fake(crow, col, in_features, crow_host, col_host, slots=None, slots_host=None):
         return None
 
