@@ -13,4 +13,11 @@ namespace seft::cuda {
 void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in,
                      const at::Tensor& slots, const std::function<void()>& before_sync = {});
 
+// The pattern's check through the structure cache (common/structure_cache.h): on the first
+// call with (crow, col, in) at their current versions, check_on_device plus the column-tile
+// index built before its sync; later calls neither check nor sync. Returns the index (tile
+// 128). crow_c / col_c: contiguous versions of crow / col (the cache keys on the originals).
+at::Tensor checked_tile_ptr(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_c,
+                            const at::Tensor& col_c, int64_t in);
+
 }  // namespace seft::cuda

@@ -131,8 +131,6 @@ void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& c
   TORCH_CHECK(false, op, ": invalid slots near slots[", hf[1], "]");
 }
 
-namespace {
-
 // The pattern's check, once per version (common/structure_cache.h), and its column-tile
 // index, built before the check's one sync so that it is complete on any stream (an index
 // recorded by _csr_adopt_pattern is queued after the uploads on the controller's stream: a
@@ -150,6 +148,8 @@ at::Tensor checked_tile_ptr(const char* op, const at::Tensor& crow, const at::Te
   c10::cuda::CUDACachingAllocator::recordStream(tp.storage().data_ptr(), at::cuda::getCurrentCUDAStream());
   return tp;
 }
+
+namespace {
 
 bool use_tensor_cores(at::ScalarType dtype, int64_t tokens) {
   switch (cuda_path()) {

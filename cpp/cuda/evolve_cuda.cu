@@ -16,6 +16,7 @@
 #include <initializer_list>
 #include <tuple>
 
+#include "common/structure_cache.h"
 #include "cpu/checks.h"
 #include "cuda/check_cuda.h"
 #include "cuda/nvtx_range.h"
@@ -39,7 +40,10 @@ void check_pattern(const char* op, const at::Tensor& crow, const at::Tensor& col
   TORCH_CHECK(slots.defined() && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.device() == device,
               op, ": delta_slots must be a 1-D int64 tensor on ", device);
   TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
-  check_on_device(op, crow.contiguous(), col.contiguous(), in, slots.contiguous());
+  // through the structure cache: the layer's own pattern and slots are usually checked already
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), slots_c = slots.contiguous();
+  checked_tile_ptr(op, crow, col, crow_c, col_c, in);
+  checked_slots(slots, col.numel(), [&] { check_on_device(op, crow_c, col_c, in, slots_c); });
 }
 
 using ScanSig = std::tuple<at::Tensor, at::Tensor, int64_t, bool>(
