@@ -14,12 +14,12 @@
 #
 # Stages, in order; expected times on an H200 in brackets (estimates: nothing here has run on one yet):
 #     build      SEFT_WITH_CUDA=ON SEFT_CUDA_ARCHS=9.0 pip install --no-build-isolation --no-deps -v .
-#                (timed; then checks the installed build has the CUDA kernels)              [~1-2.5 min]
+#                (timed; then checks the installed build has the CUDA kernels)              [~1.5-3 min; 3.5 min on 2 cores]
 #     diag       nvidia-smi, python -m seft_ext, compute-sanitizer --version                 [~5-10 s]
 #     tests      python -m pytest -q tests/test_cuda_ops.py tests/test_cuda_evolve.py (every kernel
 #                path against the CPU and fp64, no-sync, cache invalidation); fails if the CUDA
 #                tests would skip. Without pytest: a built-in script comparing CUDA op vs CPU op vs
-#                fp64 dense (fp32/bf16/fp64/fp16, int16/int32 columns) instead              [~30-60 s]
+#                fp64 dense (fp32/bf16/fp64/fp16, int16/int32 columns) instead              [~1-3 min]
 #     compare    that script's large cases: > 65535 blocks (the kernels' grid-stride loops),
 #                in > 32768 (int32 columns), bitwise-repeatable csr_spmm_t                    [~10-20 s]
 #     memcheck   compute-sanitizer --tool memcheck  on every op and path, 160x136 weight,
@@ -423,7 +423,7 @@ echo "[gpu_check] repo $REPO, OUT $OUT, python $PY, deadline in ${BUDGET_S} s"
 #         name       log            cap  min  reserve
 run_stage build      build.log      300  60   0
 run_stage diag       diag.log       60   5    0
-run_stage tests      tests.log      150  30   100
+run_stage tests      tests.log      200  30   100
 run_stage compare    tests.log      60   15   140
 run_stage memcheck   sanitizer.log  100  30   140
 run_stage racecheck  sanitizer.log  100  30   140
