@@ -1,5 +1,9 @@
 """csr_tile_ptr (the column-tile index the CUDA csr_spmm_t / csr_sddmm walk W by) against a
 plain Python reference; the slots check remembered per tensor version; the cuda_path switch."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -119,3 +123,11 @@ def test_adopt_pattern_checks_the_host_copies():
     with pytest.raises(RuntimeError, match="must match"):
         adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone().to(torch.int32 if w.col.dtype == torch.int16
                                                                      else torch.int16))
+
+
+def test_cuda_path_starts_from_the_environment():
+    code = "import seft_ext; from seft_ext import ops; print(ops.cuda_path())"
+    for value, want in (("cuda_core", "cuda_core"), ("tensor_core", "tensor_core"), ("bogus", "auto")):
+        env = dict(os.environ, SEFT_CUDA_PATH=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, (value, out.stdout, out.stderr)

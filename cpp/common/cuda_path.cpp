@@ -3,10 +3,18 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 namespace seft {
 namespace {
-std::atomic<CudaPath> g_path{CudaPath::kAuto};
+// The start value: SEFT_CUDA_PATH from the environment when it names a path, else auto.
+CudaPath from_env() {
+  const char* v = std::getenv("SEFT_CUDA_PATH");
+  const std::string s = v ? v : "";
+  return s == "tensor_core" ? CudaPath::kTensorCore : s == "cuda_core" ? CudaPath::kCudaCore : CudaPath::kAuto;
+}
+std::atomic<CudaPath> g_path{from_env()};
 const char* name_of(CudaPath p) {
   return p == CudaPath::kTensorCore ? "tensor_core" : p == CudaPath::kCudaCore ? "cuda_core" : "auto";
 }

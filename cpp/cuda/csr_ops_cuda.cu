@@ -33,8 +33,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <optional>
 
 #include "common/csr_tile_index.h"
