@@ -6,7 +6,8 @@
 //   csr_drop_grow_adapt_ the decision: the layer's arrays go to the host, the CPU kernel
 //                        decides and rewrites them, and they come back in place (one round
 //                        trip per layer per evolution step; its rules stay in one place).
-//   csr_slot_union       once per window: the same host round trip.
+//   csr_slot_union       once per window: the same host round trip; the merged pattern is
+//                        checked on the host and handed to the structure cache.
 // Results land on the input's device. Each call is an NVTX range (seft::<op>).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -16,9 +17,11 @@
 #include <initializer_list>
 #include <tuple>
 
+#include "common/csr_tile_index.h"
 #include "common/structure_cache.h"
 #include "cpu/checks.h"
 #include "cuda/check_cuda.h"
+#include "cuda/kernels_cuda.h"
 #include "cuda/nvtx_range.h"
 #include "tiled/csr_grow_scan_tiled.h"
 
@@ -124,7 +127,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_slot_union_cuda(c
   const c10::cuda::CUDAGuard guard(dev);
   static const auto cpu_op = find_op<UnionSig>("seft::csr_slot_union");
   auto [c, k, a, b] = cpu_op.call(crow.cpu(), col.cpu(), slots.cpu(), positions.cpu(), in_features);
-  return {c.to(dev), k.to(dev), a.to(dev), b.to(dev)};
+  // The merged pattern, checked here on the host, goes to the structure cache with its tile
+  // index: the window's csr_sddmm calls then need no device check (and no sync).
+  check_csr(op, c, k, nullptr, c.device(), /*check_offsets=*/true);
+  check_cols_cpu(op, c, k, in_features);
+  at::Tensor c_dev = c.to(dev), k_dev = k.to(dev);
+  remember_structure(c_dev, k_dev, in_features, build_tile_ptr(c_dev, k_dev, in_features, kColTile));
+  return {c_dev, k_dev, a.to(dev), b.to(dev)};
 }
 
 }  // namespace
