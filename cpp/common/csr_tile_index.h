@@ -29,6 +29,10 @@ SEFT_HD int32_t lower_bound_col(const I* col, int32_t lo, int32_t hi, int64_t c)
   return lo;
 }
 
+// An offset read from crow or the tile index, forced into [lo, nnz] (kernels stay in bounds
+// even on a pattern changed behind the checks' back).
+SEFT_HD int64_t clamp_offset(int64_t v, int64_t lo, int64_t nnz) { return v < lo ? lo : (v > nnz ? nnz : v); }
+
 // Number of tile boundaries per row: ceil(in / tile) + 1.
 SEFT_HD int64_t tile_ptr_width(int64_t in, int64_t tile) { return (in + tile - 1) / tile + 1; }
 

@@ -112,9 +112,4 @@ int64_t structure_cache_size() {
   return static_cast<int64_t>(g_entries.size());
 }
 
-void structure_cache_clear() {
-  const std::lock_guard<std::mutex> lock(g_mutex);
-  g_entries.clear();
-}
-
 }  // namespace seft

@@ -31,8 +31,7 @@ void remember_structure(const at::Tensor& crow, const at::Tensor& col, int64_t i
 void checked_slots(const at::Tensor& slots, int64_t nnz, const std::function<void()>& check);
 void remember_slots(const at::Tensor& slots, int64_t nnz);
 
-// Number of live entries (for tests and diagnostics) and a way to drop them all.
+// Number of live entries (for tests and diagnostics).
 int64_t structure_cache_size();
-void structure_cache_clear();
 
 }  // namespace seft

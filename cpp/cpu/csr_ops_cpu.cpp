@@ -88,7 +88,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   at::Tensor s;
   if (slots && slots->defined()) {
     s = slots->contiguous();
-    checked_slots(s, col.numel(), [&] { check_slots_cpu(op, s, col.numel()); });  // once per version
+    checked_slots(*slots, col.numel(), [&] { check_slots_cpu(op, s, col.numel()); });  // once per version
   }
   return active_isa().sddmm(as_2d(grad_out), as_2d(x), crow.contiguous(), col.contiguous(), s);
 }

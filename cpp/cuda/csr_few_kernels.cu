@@ -37,8 +37,6 @@ namespace seft::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kBlock = 256;  // 8 warps
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
 
 template <typename V> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -58,15 +56,6 @@ int sm_count() {  // of the current device (ATen's device-properties header need
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
   return n;
-}
-
-// An offset read from crow or the tile index, forced into [lo, nnz].
-__host__ __device__ __forceinline__ int64_t clamp_offset(int64_t v, int64_t lo, int64_t nnz) {
-  return v < lo ? lo : (v > nnz ? nnz : v);
-}
-
-inline int blocks_for(int64_t threads) {
-  return static_cast<int>(std::min<int64_t>((threads + kBlock - 1) / kBlock, kMaxBlocks));
 }
 
 // ------------------------------------------------------------------ rows_spmm

@@ -49,12 +49,6 @@ namespace seft::cuda {
 
 namespace {
 
-constexpr int kBlock = 256;  // 8 warps
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
-
-inline int blocks_for(int64_t threads) {
-  return static_cast<int>(std::min<int64_t>((threads + kBlock - 1) / kBlock, kMaxBlocks));
-}
 
 // ---------------------------------------------------------------- validation
 constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
@@ -223,8 +217,8 @@ at::Tensor csr_tile_ptr_cuda(const at::Tensor& crow, const at::Tensor& col, int6
   check_tile_ptr_args(op, crow, col, in_features, tile, crow.device());
   const c10::cuda::CUDAGuard guard(crow.device());
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
-  checked_tile_ptr(op, crow, col, crow_c, col_c, in_features);
-  return build_tile_ptr(crow_c, col_c, in_features, tile);
+  const at::Tensor cached = checked_tile_ptr(op, crow, col, crow_c, col_c, in_features);
+  return tile == kColTile ? cached.clone() : build_tile_ptr(crow_c, col_c, in_features, tile);
 }
 
 void csr_adopt_pattern_cuda(const at::Tensor& crow, const at::Tensor& col, int64_t in_features,

@@ -71,11 +71,6 @@ __device__ __forceinline__ uint4 load8(const T* base, int64_t rows, int64_t cols
   return v;
 }
 
-// An offset read from crow or the tile index, forced into [lo, nnz].
-__device__ __forceinline__ int64_t clamp_offset(int32_t v, int64_t lo, int64_t nnz) {
-  return v < lo ? lo : (v > nnz ? nnz : v);
-}
-
 // ------------------------------------------------------------------ dense operand slices
 // A dense R x C slice of a row-major matrix D (rows, cols; leading dimension ld) at (r0, c0),
 // stored S[r][c] with leading dimension C + kPad; out-of-range entries are 0. R * C / 8 = 512

@@ -4,7 +4,17 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace seft::cuda {
+
+// Launch shape of the grid-stride kernels: 256 threads (8 warps) a block, at most 65535 blocks.
+constexpr int kBlock = 256;
+constexpr int64_t kMaxBlocks = 65535;
+inline int blocks_for(int64_t threads) {
+  return static_cast<int>(std::min<int64_t>((threads + kBlock - 1) / kBlock, kMaxBlocks));
+}
 
 // Token count from which bf16 / fp16 calls take the tensor-core path.
 constexpr int64_t kTensorCoreMinTokens = 64;

@@ -230,7 +230,7 @@ class SEFTController:
             if host is not None and not bool(ok[1]):
                 report[name] = self._skip(name, t, "non-finite statistics", depth=1)
             elif not bool(ok[0]):
-                report[name] = self._skip(name, t, "non-finite delta", "NaN or Inf in the delta", depth=1)
+                report[name] = self._skip(name, t, "non-finite delta", depth=1)
             elif host is None:
                 report[name] = self._skip(name, t, "no statistics", depth=1)
             else:
@@ -246,13 +246,14 @@ class SEFTController:
                 self._remap_optimizer(layer, remap, layer.window)
                 report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
 
-    def _skip(self, name: str, t: int, why: str, what: Optional[str] = None, depth: int = 0) -> dict:
+    def _skip(self, name: str, t: int, why: str, depth: int = 0) -> dict:
         msgs = {"non-finite statistics": f"NaN or Inf in the window statistics at step {t}; evolution skipped, "
                                          "topology and values untouched",
+                "non-finite delta": f"NaN or Inf in the delta at step {t}; evolution skipped",
                 "no statistics": f"no backward pass reached this layer in the window before step {t}; "
                                  "evolution skipped"}
         # stacklevel: _warn_once, _skip, [_decide,] _evolve_all, step, the caller of step
-        self._warn_once(name, msgs.get(why, f"{what} at step {t}; evolution skipped"), stacklevel=5 + depth)
+        self._warn_once(name, msgs[why], stacklevel=5 + depth)
         return {"skipped": why}
 
     @torch.no_grad()

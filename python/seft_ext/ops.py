@@ -55,6 +55,7 @@ def csr_tile_ptr(crow: Tensor, col: Tensor, in_features: int, tile: int = 128) -
     """W's column-tile index, int32 [out, ceil(in / tile) + 1]: row o's non-zeros in columns
     [j * tile, (j + 1) * tile) are ``[tp[o, j], tp[o, j + 1])``. The CUDA ``csr_spmm_t`` and
     ``csr_sddmm`` use it (tile 128, cached per pattern) instead of a transposed copy of W."""
+    _lib.require_library()
     return torch.ops.seft.csr_tile_ptr(crow, col, in_features, tile)
 
 
