@@ -36,6 +36,7 @@ from bench_ops import machine_header  # noqa: E402
 
 from seft_ext import CSRWeight, SEFTConfig, SEFTController, SEFTLinear, ops  # noqa: E402
 from seft_ext.prune import magnitude_mask  # noqa: E402
+from seft_ext.window import ScanPlan  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576)]
 SPARSITIES = [0.5, 0.7]
@@ -79,22 +80,22 @@ def bench_case(out, inn, sparsity, args):
         opt.step()
         opt.zero_grad()
 
-    layer.collecting = False
+    layer.window.close()
     t_train = median_ms(train_step, args.reps)
 
     n = round(cfg.drop_fraction * layer.k)  # the largest drop count, at the first evolution
     num_grow = math.ceil(cfg.candidate_factor * n)
-    plan = (num_grow, num_grow, cfg.scan_sketch, 0)
+    plan = ScanPlan(num_grow, num_grow, cfg.scan_sketch, 0)
     xd = x.detach()
 
     def first_window_pass():  # the scan, the union pattern and its SDDMM
         layer.window.reset()
-        layer.accumulate_window(xd, dy)
+        layer.window.accumulate(layer, xd, dy)
 
-    layer.collecting, layer.plan = True, plan
+    layer.window.open(plan)
     t_first = median_ms(first_window_pass, args.reps)
     w = layer.window
-    t_track = median_ms(lambda: layer.accumulate_window(xd, dy), args.reps)
+    t_track = median_ms(lambda: layer.window.accumulate(layer, xd, dy), args.reps)
     t_delta_sddmm = median_ms(lambda: ops.csr_sddmm(dy, xd, layer.crow, layer.col, layer.delta_slots), args.reps)
     held, scan_peak = w.nbytes(), w.scan_bytes
     tracked, gsum = w.tracked.clone(), w.gsum.clone()
@@ -117,11 +118,11 @@ def bench_case(out, inn, sparsity, args):
 
     t_decide = median_ms(decide, args.reps, setup=restore)
     restore()
-    layer.collecting = False
+    layer.window.close()
     layer.window.reset()
     # per interval: the first window pass and (window - 1) tracking passes replace the plain
     # delta SDDMM of their steps; then one decision
-    extra = (t_first - t_delta_sddmm) + (cfg.window - 1) * (t_track - t_delta_sddmm) + t_decide
+    extra = (t_first - t_delta_sddmm) + (cfg.window_steps - 1) * (t_track - t_delta_sddmm) + t_decide
     overhead = extra / (cfg.update_interval * t_train)
 
     # End to end: update_interval steps with the controller (one evolution) vs evolution off.

@@ -30,7 +30,7 @@ def train(model, ctl, opt, steps, seed=0, poison=None):
     reports = {}
     collecting = []
     for t in range(1, steps + 1):
-        collecting.append(model[0].collecting)
+        collecting.append(model[0].window.collecting)
         x = torch.randn(6, 12, generator=g, dtype=torch.float64)
         target = torch.randn(6, 8, generator=g, dtype=torch.float64)
         if poison is not None and t == poison:

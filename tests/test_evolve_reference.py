@@ -6,6 +6,7 @@ import torch
 
 from seft_ext import CSRWeight, SEFTLinear
 from seft_ext.prune import magnitude_mask
+from seft_ext.window import ScanPlan
 from evolve_reference import layer_state, ref_decide, ref_scan
 
 
@@ -19,14 +20,14 @@ def make_layer(out, inn, scope, method, k, dtype=torch.float64, seed=0):
 def run_window(layer, steps, tokens, plan):
     """Backward passes with collection on; returns the dense gradients G_t = dY^T X."""
     layer.window.reset()
-    layer.collecting, layer.plan = True, plan
+    layer.window.open(ScanPlan(*plan))
     grads = []
     for _ in range(steps):
         x = torch.randn(tokens, layer.in_features, dtype=layer.theta.dtype)
         dy = torch.randn(tokens, layer.out_features, dtype=layer.theta.dtype)
         layer(x).backward(dy)
         grads.append(dy.double().T @ x.double())
-    layer.collecting = False
+    layer.window.close()
     return grads
 
 
@@ -116,7 +117,7 @@ def test_sketched_scan_finds_strong_candidates_and_keeps_exact_sums(scope):
     u, v = torch.zeros(T, out), torch.zeros(T, inn)
     grads, strong = [], None
     layer.window.reset()
-    layer.collecting, layer.plan = True, (60, 60, 32, 7)
+    layer.window.open(ScanPlan(60, 60, 32, 7))
     for step in range(3):
         x = torch.randn(T, inn) * 0.1
         dy = torch.randn(T, out) * 0.1

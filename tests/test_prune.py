@@ -127,7 +127,7 @@ def test_reconstruction_error_ranks_sparsegpt_wanda_magnitude():
 
 @pytest.mark.parametrize("call, match", [
     (lambda w: magnitude_mask(w, 1.0), "sparsity"),
-    (lambda w: magnitude_mask(w, 0.5, "block"), "scope"),
+    (lambda w: magnitude_mask(w, 0.5, "block"), "budget"),
     (lambda w: magnitude_mask(w, 0.5, "nm", (2, 5)), "N:M"),
     (lambda w: magnitude_mask(w.new_full(w.shape, float("nan")), 0.5), "NaN"),
     (lambda w: wanda_mask(w, torch.ones(3), 0.5), "input_sq_norms"),

@@ -5,6 +5,7 @@ from torch import nn
 
 from seft_ext import CSRWeight, SEFTConfig, SEFTLinear, convert_to_seft, seft_layers
 from seft_ext.prune import magnitude_mask
+from seft_ext.window import ScanPlan
 
 
 def layer_and_dense(out=9, inn=16, k=15, dtype=torch.float64, bias=False):
@@ -27,7 +28,8 @@ def dense_delta(layer):
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_and_gradients_match_dense(collecting, bias):
     layer, theta = layer_and_dense(bias=bias)
-    layer.collecting, layer.plan = collecting, (6, 6, 0, 0)
+    if collecting:
+        layer.window.open(ScanPlan(6, 6, 0, 0))
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     if bias:
         layer.bias.requires_grad_(True)
@@ -116,7 +118,7 @@ def test_config_defaults_and_help():
     assert c.trainable_for(1536, 576) == 8 * (1536 + 576)  # LoRA rank 8 equivalent
     assert SEFTConfig(k=100).trainable_for(10, 20) == 100
     assert SEFTConfig(density=0.01).trainable_for(100, 200) == 200
-    assert SEFTConfig(grow_accumulation=7, update_interval=5).window == 5
+    assert SEFTConfig(grow_accumulation=7, update_interval=5).window_steps == 5
     text = SEFTConfig.help()
     for name in ("sparsity", "update_interval", "grow_accumulation", "drop_fraction", "schedule", "evolve_until",
                  "budget", "seed_optimizer", "method"):
@@ -146,7 +148,7 @@ def test_masked_dense_baseline_matches_the_sparse_path():
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     dy = torch.randn(3, 5, 9, dtype=torch.float64)
     for m in (layer, twin):
-        m.collecting, m.plan = True, (8, 8, 0, 0)
+        m.window.open(ScanPlan(8, 8, 0, 0))
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     ys = [m(xx) for m, xx in zip((layer, twin), xs)]
     torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from .convert import seft_layers
-from .seft_linear import SEFTLinear, WindowStats
+from .modules import freeze_all_but_deltas, replace_module
+from .seft_linear import SEFTLinear
+from .window import EvolutionWindow
 from .sparse import CSRWeight
 
 LAYER_FIELDS = ("crow", "col", "theta", "delta_slots", "delta", "bias")
@@ -73,7 +75,7 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
     win_scalars = {}
     for name, w in windows.items():
         win_scalars[name] = {k: w[k] for k in ("count", "steps", "finite", "scan_bytes")}
-        for f in WindowStats.FIELDS:
+        for f in EvolutionWindow.FIELDS:
             if w[f] is not None:
                 tensors[f"window.{name}.{f}"] = w[f].cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
@@ -144,17 +146,11 @@ def restore(info: dict, tensor_file: Path, model: nn.Module) -> dict[str, torch.
         with torch.no_grad():
             layer.delta_slots.copy_(get("delta_slots"))
             layer.delta.copy_(get("delta"))
-        parent, _, attr = name.rpartition(".")
         try:
-            holder = model.get_submodule(parent) if parent else model
-            getattr(holder, attr)
-        except AttributeError:
+            replace_module(model, name, layer)
+        except ValueError:
             raise ValueError(f"checkpoint layer {name!r} does not exist in this model") from None
-        setattr(holder, attr, layer)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in seft_layers(model).values():
-        layer.delta.requires_grad_(True)
+    freeze_all_but_deltas(model)
     return tensors
 
 
@@ -172,7 +168,7 @@ def restore_training(info: dict, tensors: dict, optimizer, controller, data_rng:
     windows = {}
     for name, scal in info["windows"].items():
         dev = controller.layers[name].theta.device if name in controller.layers else None
-        w = {f: tensors.get(f"window.{name}.{f}") for f in WindowStats.FIELDS}
+        w = {f: tensors.get(f"window.{name}.{f}") for f in EvolutionWindow.FIELDS}
         w = {f: v if v is None or dev is None else v.to(dev) for f, v in w.items()}
         w.update(scal)
         windows[name] = w

@@ -8,6 +8,8 @@ from typing import Optional
 SCHEDULES = ("cosine", "linear", "constant")
 BUDGETS = ("layer", "row", "nm")
 METHODS = ("seft", "spiel", "fixed")
+# The driver's --method adds two: masked-dense (the SEFT steps with dense compute) and none.
+DRIVER_METHODS = METHODS + ("masked-dense", "none")
 
 
 def _help(text: str, default):
@@ -80,7 +82,7 @@ class SEFTConfig:
             bad(f"candidate_factor must be >= 1, got {self.candidate_factor}")
 
     @property
-    def window(self) -> int:
+    def window_steps(self) -> int:
         """Optimizer steps of statistics before each evolution step."""
         return min(self.grow_accumulation, self.update_interval)
 

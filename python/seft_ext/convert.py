@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SEFTConfig
+from .modules import freeze_all_but_deltas, replace_module
 from .seft_linear import SEFTLinear
 
 
@@ -45,24 +46,30 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
     # One layer at a time, holding no other reference to the dense modules: each dense weight
     # is freed as soon as its sparse replacement is in place (unless the caller holds it).
     for i, name in enumerate(names):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         try:
-            layer = SEFTLinear.from_linear(getattr(parent, attr), config, masks.get(name), dtype=dtype,
+            layer = SEFTLinear.from_linear(model.get_submodule(name), config, masks.get(name), dtype=dtype,
                                            seed=config.seed + i)
         except ValueError as e:
             raise ValueError(f"convert_to_seft: layer {name!r}: {e}") from None
         layer.dense_compute = dense_compute
-        setattr(parent, attr, layer)
+        replace_module(model, name, layer)
         del layer
     if freeze:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, SEFTLinear):
-                m.delta.requires_grad_(True)
+        freeze_all_but_deltas(model)
     return names
 
 
 def seft_layers(model: nn.Module) -> dict[str, SEFTLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SEFTLinear)}
+
+
+def model_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over the SEFT layers, or (none converted) over the decoder's nn.Linear weights."""
+    layers = seft_layers(model)
+    if layers:
+        nnz = sum(m.nnz for m in layers.values())
+        return 1.0 - nnz / sum(m.out_features * m.in_features for m in layers.values())
+    from .prune_llm import decoder_layers
+
+    ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)]
+    return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)

@@ -30,6 +30,7 @@ from torch import nn
 from . import ops
 from .config import SEFTConfig
 from .seft_linear import SEFTLinear
+from .window import ScanPlan
 
 log = logging.getLogger("seft_ext")
 
@@ -54,6 +55,42 @@ def _nvtx_range(name: str, on: bool):
     return torch.cuda.nvtx.range(name) if on else contextlib.nullcontext()
 
 
+def _seft_layers_of(model: nn.Module) -> "OrderedDict[str, SEFTLinear]":
+    """The model's SEFTLinear layers; refuses a model without any, or one sharded by FSDP / DeepSpeed."""
+    layers = OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, SEFTLinear))
+    if not layers:
+        raise ValueError("SEFTController: the model has no SEFTLinear layer; convert it first "
+                         "(seft_ext.convert_to_seft)")
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind in ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine") or "FSDP" in kind:
+            raise NotImplementedError(f"SEFTController: {kind} is not supported yet (only "
+                                      "DistributedDataParallel or a single process); the sparse buffers "
+                                      "must stay whole on every rank")
+    return layers
+
+
+def _check_optimizer(optimizer, layers: dict) -> None:
+    if optimizer is None:
+        return
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, m in layers.items() if id(m.delta) not in owned]
+    if missing:
+        raise ValueError(f"SEFTController: the optimizer does not hold the delta of {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''}")
+
+
+def _check_evolution_kernels(layers: dict) -> None:
+    from ._lib import has_kernels
+
+    for n, m in layers.items():
+        if not has_kernels("csr_grow_scan", m.theta.device):
+            raise NotImplementedError(
+                f"SEFTController: {n} is on {m.theta.device}, and this build of seft_ext has no evolution "
+                "kernels for that device (`python -m seft_ext` says what was built); use the CPU, a "
+                "CUDA build, or method='fixed'")
+
+
 class SEFTController:
     """Drives the topology of every :class:`SEFTLinear` in ``model``.
 
@@ -68,32 +105,10 @@ class SEFTController:
             raise TypeError(f"SEFTController: config must be a SEFTConfig, got {type(config).__name__}")
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"SEFTController: total_steps must be a positive int, got {total_steps}")
-        self.layers: "OrderedDict[str, SEFTLinear]" = OrderedDict(
-            (name, m) for name, m in model.named_modules() if isinstance(m, SEFTLinear))
-        if not self.layers:
-            raise ValueError("SEFTController: the model has no SEFTLinear layer; convert it first "
-                             "(seft_ext.convert_to_seft)")
-        for m in model.modules():
-            kind = type(m).__name__
-            if kind in ("FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine") or "FSDP" in kind:
-                raise NotImplementedError(f"SEFTController: {kind} is not supported yet (only "
-                                          "DistributedDataParallel or a single process); the sparse buffers "
-                                          "must stay whole on every rank")
-        if optimizer is not None:
-            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [n for n, m in self.layers.items() if id(m.delta) not in owned]
-            if missing:
-                raise ValueError(f"SEFTController: the optimizer does not hold the delta of {missing[:3]}"
-                                 f"{' ...' if len(missing) > 3 else ''}")
+        self.layers: "OrderedDict[str, SEFTLinear]" = _seft_layers_of(model)
+        _check_optimizer(optimizer, self.layers)
         if config.method != "fixed":
-            from ._lib import has_kernels
-
-            for n, m in self.layers.items():
-                if not has_kernels("csr_grow_scan", m.theta.device):
-                    raise NotImplementedError(
-                        f"SEFTController: {n} is on {m.theta.device}, and this build of seft_ext has no evolution "
-                        "kernels for that device (`python -m seft_ext` says what was built); use the CPU, a "
-                        "CUDA build, or method='fixed'")
+            _check_evolution_kernels(self.layers)
         self.model, self.optimizer, self.config, self.total_steps = model, optimizer, config, total_steps
         from .distributed import resolve_group
 
@@ -102,7 +117,7 @@ class SEFTController:
         self.group = resolve_group(process_group)
         self.world = 1 if self.group is None else torch.distributed.get_world_size(self.group)
         for layer in self.layers.values():
-            layer.sync_group = self.group
+            layer.window.group = self.group
         self.step_count = 0
         self._warned: set[str] = set()
         self.history: list[tuple[int, dict]] = []
@@ -122,16 +137,18 @@ class SEFTController:
         return e if self.is_evolution_step(e) else None
 
     def _arm(self) -> None:
-        """Set each layer's collection mode for the next optimizer step's backward passes."""
+        """Open or close each layer's window for the next optimizer step's backward passes."""
         t = self.step_count + 1
         e = self._next_evolution(t)
-        collect = e is not None and e - t < self.config.window
+        collect = e is not None and e - t < self.config.window_steps
         for layer in self.layers.values():
             n = self.num_drop(layer, e) if collect else 0
-            layer.collecting = n > 0
+            if n == 0:
+                layer.window.close()
+                continue
             num_grow = math.ceil(self.config.candidate_factor * n)
-            layer.plan = (num_grow, num_grow if layer.grow_inactive else 0, self.config.scan_sketch,
-                          self.config.seed * 1_000_003 + (e or 0))
+            layer.window.open(ScanPlan(num_grow, num_grow if layer.grow_inactive else 0, self.config.scan_sketch,
+                                       self.config.seed * 1_000_003 + e))
 
     # ------------------------------------------------------------------ the step
     def step(self) -> Optional[dict]:
@@ -139,8 +156,7 @@ class SEFTController:
         self.step_count += 1
         t = self.step_count
         for layer in self.layers.values():
-            if layer.collecting and layer.window.started:
-                layer.window.steps += 1
+            layer.window.count_step()
         report = None
         if self.is_evolution_step(t):
             if self.group is not None:
@@ -241,8 +257,8 @@ class SEFTController:
                     for a, h in zip(self._ARRAYS, arrays):
                         getattr(layer, a).detach().copy_(h, non_blocking=True)  # h is pinned: asynchronous
                     # the new pattern, checked here on the host: the next step needs no device check
-                    torch.ops.seft._csr_adopt_pattern(layer.crow, layer.col, layer.in_features, arrays[0],
-                                                      arrays[1], layer.delta_slots, arrays[3])
+                    ops.adopt_pattern(layer.crow, layer.col, layer.in_features, arrays[0], arrays[1],
+                                      layer.delta_slots, arrays[3])
                 self._remap_optimizer(layer, remap, layer.window)
                 report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
 

@@ -12,6 +12,7 @@ from torch import nn
 from .config import SEFTConfig
 from .convert import seft_layers
 from .layer import SparseLinear
+from .modules import replace_module
 from .sparse import CSRWeight
 
 try:  # transformers is optional for the rest of the package
@@ -70,6 +71,27 @@ def export_sparse(model: nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
+def export_dense(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Replace every SEFTLinear by an nn.Linear holding theta + delta and save a plain HF folder
+    (written aside, then moved into place)."""
+    for name, layer in seft_layers(model).items():
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.theta.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(layer.to_dense())
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias)
+        replace_module(model, name, lin)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
 def load_sparse(model: nn.Module, path: Path) -> list[str]:
     """Replace the modules named in a file written by ``export_sparse`` with SparseLinear
     layers holding its weights; returns their names."""
@@ -83,9 +105,8 @@ def load_sparse(model: nn.Module, path: Path) -> list[str]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, shape in shapes.items():
         w = CSRWeight(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))
-        parent, _, attr = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        if not hasattr(holder, attr):
-            raise ValueError(f"load_sparse: the model has no module {name!r}")
-        setattr(holder, attr, SparseLinear(w, tensors.get(f"{name}.bias")))
+        try:
+            replace_module(model, name, SparseLinear(w, tensors.get(f"{name}.bias")))
+        except ValueError as e:
+            raise ValueError(f"load_sparse: {e}") from None
     return list(shapes)

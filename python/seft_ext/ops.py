@@ -59,6 +59,15 @@ def csr_tile_ptr(crow: Tensor, col: Tensor, in_features: int, tile: int = 128) -
     return torch.ops.seft.csr_tile_ptr(crow, col, in_features, tile)
 
 
+def adopt_pattern(crow: Tensor, col: Tensor, in_features: int, crow_host: Tensor, col_host: Tensor,
+                  slots: Optional[Tensor] = None, slots_host: Optional[Tensor] = None) -> None:
+    """Internal (the controller's, after an evolution step on a GPU): ``crow`` / ``col`` (and
+    ``slots``) have just been filled from the host copies on the current stream; checks the host
+    copies and records the device tensors as checked, so the next op call needs no sync."""
+    _lib.require_library()
+    torch.ops.seft._csr_adopt_pattern(crow, col, in_features, crow_host, col_host, slots, slots_host)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -1,7 +1,7 @@
 """Pruning: which weights of a dense layer the sparse base keeps (and, for SparseGPT, with
 which values).
 
-Scopes: ``layer`` (the layer's ``round((1 - s) out in)`` best), ``row`` (each output row's
+Budget units: ``layer`` (the layer's ``round((1 - s) out in)`` best), ``row`` (each output row's
 ``round((1 - s) in)`` best) and ``nm`` (``n`` of every ``m`` consecutive inputs). Methods:
 magnitude ``|W|``; Wanda ``|W_ij| ||X_j||_2`` (calibration input norms); SparseGPT (OBS
 with ``H = X^T X + lambda I``, column blocks, error compensation on the kept weights).
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .config import BUDGETS
 
 
 def _check(weight: Tensor, sparsity: float) -> None:
@@ -21,42 +23,42 @@ def _check(weight: Tensor, sparsity: float) -> None:
         raise ValueError(f"prune: sparsity must be in [0, 1), got {sparsity}")
 
 
-def keep_largest(score: Tensor, sparsity: float, scope: str = "layer", nm: tuple[int, int] = (2, 4)) -> Tensor:
+def keep_largest(score: Tensor, sparsity: float, budget: str = "layer", nm: tuple[int, int] = (2, 4)) -> Tensor:
     """Bool mask keeping the largest scores: ``round((1 - s) * out * in)`` per layer,
-    ``round((1 - s) * in)`` per row, or N of every M consecutive inputs (``scope="nm"``,
+    ``round((1 - s) * in)`` per row, or N of every M consecutive inputs (``budget="nm"``,
     which ignores ``sparsity``). Ties go to the lower index."""
     _check(score, sparsity)
     out, inn = score.shape
     s = score.detach().double()
-    if scope == "layer":
+    if budget == "layer":
         keep = round((1.0 - sparsity) * out * inn)
         mask = torch.zeros(out * inn, dtype=torch.bool, device=score.device)
         mask[torch.argsort(s.flatten(), descending=True, stable=True)[:keep]] = True
         return mask.view(out, inn)
-    if scope == "row":
+    if budget == "row":
         keep = round((1.0 - sparsity) * inn)
         idx = torch.argsort(s, dim=1, descending=True, stable=True)[:, :keep]
         return torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
-    if scope == "nm":
+    if budget == "nm":
         n, m = nm
         if not (1 <= n <= m) or inn % m:
             raise ValueError(f"prune: N:M = {n}:{m} needs 1 <= N <= M and M dividing in_features = {inn}")
         groups = s.view(out, inn // m, m)
         idx = torch.argsort(groups, dim=2, descending=True, stable=True)[..., :n]
         return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).view(out, inn)
-    raise ValueError(f"prune: scope must be 'layer', 'row' or 'nm', got {scope!r}")
+    raise ValueError(f"prune: budget must be one of {BUDGETS}, got {budget!r}")
 
 
-def magnitude_mask(weight: Tensor, sparsity: float, scope: str = "layer", nm: tuple[int, int] = (2, 4)) -> Tensor:
+def magnitude_mask(weight: Tensor, sparsity: float, budget: str = "layer", nm: tuple[int, int] = (2, 4)) -> Tensor:
     """Keep the largest ``|W|`` (see :func:`keep_largest` for the scopes)."""
     _check(weight, sparsity)
-    return keep_largest(weight.abs(), sparsity, scope, nm)
+    return keep_largest(weight.abs(), sparsity, budget, nm)
 
 
-def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, scope: str = "row",
+def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, budget: str = "row",
                nm: tuple[int, int] = (2, 4)) -> Tensor:
     """Keep the largest ``|W_ij| * ||X_j||_2`` (Wanda). ``input_sq_norms[j] = sum_t X[t, j]^2``
-    over the calibration tokens. Wanda compares within each output row (``scope="row"``, the
+    over the calibration tokens. Wanda compares within each output row (``budget="row"``, the
     default); ``layer`` and ``nm`` work too."""
     _check(weight, sparsity)
     if input_sq_norms.shape != (weight.shape[1],):
@@ -65,7 +67,7 @@ def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, scope: s
     if not torch.isfinite(input_sq_norms).all() or bool((input_sq_norms < 0).any()):
         raise ValueError("prune: input_sq_norms must be finite and >= 0")
     score = weight.detach().double().abs() * input_sq_norms.double().sqrt().unsqueeze(0)
-    return keep_largest(score, sparsity, scope, nm)
+    return keep_largest(score, sparsity, budget, nm)
 
 
 def _pruned_upto(cols: int, inn: int, rows: int, sparsity: float) -> int:
@@ -76,7 +78,7 @@ def _pruned_upto(cols: int, inn: int, rows: int, sparsity: float) -> int:
     return min(round(sparsity * rows * cols), rows * inn - round((1.0 - sparsity) * rows * inn))
 
 
-def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, scope: str = "layer",
+def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, budget: str = "layer",
                     nm: tuple[int, int] = (2, 4), blocksize: int = 128, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """SparseGPT: prune ``weight`` (out, in) given ``hessian = X^T X`` (in, in) over calibration
     inputs. Columns are processed in blocks of ``blocksize``; within a block the pruned set is
@@ -90,10 +92,10 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, scope: str
     out, inn = weight.shape
     if hessian.shape != (inn, inn) or not torch.isfinite(hessian).all():
         raise ValueError(f"prune: hessian must be a finite ({inn}, {inn}) matrix, got {tuple(hessian.shape)}")
-    if scope not in ("layer", "row", "nm"):
-        raise ValueError(f"prune: scope must be 'layer', 'row' or 'nm', got {scope!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"prune: budget must be one of {BUDGETS}, got {budget!r}")
     n_keep, m = nm
-    if scope == "nm" and (not (1 <= n_keep <= m) or inn % m or blocksize % m):
+    if budget == "nm" and (not (1 <= n_keep <= m) or inn % m or blocksize % m):
         raise ValueError(f"prune: N:M = {n_keep}:{m} needs 1 <= N <= M and M dividing in_features = {inn} "
                          f"and blocksize = {blocksize}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -113,9 +115,9 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, scope: str
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         d = torch.diag(U1)
-        if scope != "nm":
+        if budget != "nm":
             sal = (W1 ** 2 / d.unsqueeze(0) ** 2).double()
-            if scope == "layer":
+            if budget == "layer":
                 cnt = _pruned_upto(i2, inn, out, sparsity) - _pruned_upto(i1, inn, out, sparsity)
                 idx = torch.argsort(sal.flatten(), stable=True)[:cnt]
                 blk = torch.zeros(out * (i2 - i1), dtype=torch.bool, device=W.device)
@@ -127,7 +129,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, scope: str
                 mask[:, i1:i2] = torch.zeros_like(sal, dtype=torch.bool).scatter_(1, idx, True)
         for i in range(i2 - i1):
             w = W1[:, i]
-            if scope == "nm" and i % m == 0:
+            if budget == "nm" and i % m == 0:
                 sal = (W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2).double()
                 idx = torch.argsort(sal, dim=1, stable=True)[:, :m - n_keep]
                 mask[:, i1 + i:i1 + i + m] = torch.zeros_like(sal, dtype=torch.bool).scatter_(1, idx, True)

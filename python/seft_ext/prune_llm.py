@@ -78,14 +78,14 @@ def _with_hidden(args, kwargs, h):
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "row", nm: tuple[int, int] = (2, 4),
+def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "row", nm: tuple[int, int] = (2, 4),
                 calibration: Optional[Iterable[Tensor]] = None, exclude: Iterable[str] = (),
                 progress: bool = True) -> dict[str, Tensor]:
     """Prune every nn.Linear inside the decoder layers in place (pruned weights set to 0;
     SparseGPT also updates the kept ones). Returns ``{module name: keep mask}``.
 
     ``calibration``: token-id batches (LongTensor (B, L)), needed by wanda / sparsegpt.
-    ``scope``: layer | row | nm (see seft_ext.prune)."""
+    ``budget``: layer | row | nm (see seft_ext.prune)."""
     if method not in METHODS:
         raise ValueError(f"prune_model: method must be one of {METHODS}, got {method!r}")
     if not (0.0 <= sparsity < 1.0):
@@ -98,7 +98,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "ro
     if method == "magnitude":
         for i, layer in enumerate(layers):
             for name, lin in _linears(layer, exclude).items():
-                mask = magnitude_mask(lin.weight, sparsity, scope, nm)
+                mask = magnitude_mask(lin.weight, sparsity, budget, nm)
                 lin.weight.mul_(mask)
                 masks[f"{prefix}.{i}.{name}"] = mask
         return masks
@@ -139,10 +139,10 @@ def prune_model(model: nn.Module, method: str, sparsity: float, scope: str = "ro
             if name not in stats:
                 raise RuntimeError(f"prune_model: {prefix}.{i}.{name} saw no calibration input")
             if method == "wanda":
-                mask = wanda_mask(lin.weight, stats[name], sparsity, scope, nm)
+                mask = wanda_mask(lin.weight, stats[name], sparsity, budget, nm)
                 lin.weight.mul_(mask)
             else:
-                mask, new_w = sparsegpt_prune(lin.weight, stats[name], sparsity, scope, nm)
+                mask, new_w = sparsegpt_prune(lin.weight, stats[name], sparsity, budget, nm)
                 lin.weight.copy_(new_w.to(lin.weight.dtype))
             masks[f"{prefix}.{i}.{name}"] = mask
         del stats

@@ -14,89 +14,18 @@ evolution step rewrites the arrays in place without changing their sizes.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import SEFTConfig
+from .config import BUDGETS, METHODS, SEFTConfig
 from .layer import CSRPatternMixin
+from .masked_dense import MaskedDenseFn, dense_weight
 from .prune import magnitude_mask
 from .sparse import CSRWeight
-
-
-class WindowStats:
-    """What one layer gathers over an evolution window (see ``ops.csr_grow_scan``).
-
-    ``tracked``: sorted flat positions outside the delta; ``crow`` / ``col``: the CSR pattern
-    of the delta positions and the tracked ones together, so that one ``csr_sddmm`` per
-    backward gives the delta's gradient and the window's statistics (``at_delta`` /
-    ``at_tracked``: where each lands in it); ``gsum`` / ``g2sum``: sums of g and g^2 at the
-    tracked positions over backward passes (``count``); ``steps``: optimizer steps covered;
-    ``scan_bytes``: the scan's engine-reported peak workspace.
-    """
-
-    FIELDS = ("tracked", "crow", "col", "at_delta", "at_tracked", "gsum", "g2sum")
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.tracked: Optional[Tensor] = None
-        self.crow = self.col = self.at_delta = self.at_tracked = self.gsum = self.g2sum = None
-        self.count = 0
-        self.steps = 0
-        self.finite = True
-        self.scan_bytes = 0
-
-    @property
-    def started(self) -> bool:
-        return self.tracked is not None or not self.finite
-
-    def nbytes(self) -> int:
-        """Bytes held between backward passes."""
-        return sum(t.numel() * t.element_size() for t in (getattr(self, f) for f in self.FIELDS) if t is not None)
-
-    def state_dict(self) -> dict:
-        d = {f: None if getattr(self, f) is None else getattr(self, f).clone() for f in self.FIELDS}
-        d.update(count=self.count, steps=self.steps, finite=self.finite, scan_bytes=self.scan_bytes)
-        return d
-
-    def load_state_dict(self, d: dict) -> None:
-        self.reset()
-        for f in self.FIELDS:
-            setattr(self, f, None if d[f] is None else d[f].clone())
-        self.count, self.steps, self.finite, self.scan_bytes = d["count"], d["steps"], d["finite"], d["scan_bytes"]
-
-
-class _MaskedDenseFn(torch.autograd.Function):
-    """The masked-dense baseline: W = theta + delta as a dense (out, in) matrix, dense matmuls
-    and the full dense gradient dY^T X every step (how the paper's own code works); the delta
-    takes its entries of it. Evolution uses the same window statistics and decision."""
-
-    @staticmethod
-    def forward(ctx, x, delta, bias, layer):
-        w = layer.dense_weight(delta)
-        ctx.save_for_backward(x, w)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        layer = ctx.layer
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        gx = dy @ w if ctx.needs_input_grad[0] else None
-        dense_grad = dy2.T.to(layer.delta.dtype) @ x2.to(layer.delta.dtype)  # (out, in), every step
-        gd = dense_grad.view(-1)[layer.slot_positions()]
-        if layer.collecting and layer.window.finite:
-            layer.accumulate_window(x2, dy2)
-        gb = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gd, gb, None
+from .window import EvolutionWindow
 
 
 class _SEFTLinearFn(torch.autograd.Function):
@@ -120,9 +49,8 @@ class _SEFTLinearFn(torch.autograd.Function):
             gx = ops.csr_spmm_t(dy, crow, col, values, x.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if layer.collecting and layer.window.finite:
-            gd = layer.accumulate_window(x2, dy2)  # one SDDMM: the delta's gradient and the window's
-        elif ctx.needs_input_grad[1]:
+        gd = layer.feed_window(x2, dy2)  # while a window is open: one SDDMM for both
+        if gd is None and ctx.needs_input_grad[1]:
             gd = ops.csr_sddmm(dy2, x2, crow, col, slots)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = dy2.sum(0)
@@ -149,14 +77,14 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         if k > nnz:
             raise ValueError(f"SEFTLinear: trainable budget k = {k} exceeds the layer's {nnz} non-zeros "
                              f"({self.out_features}x{self.in_features}); lower k / density or the sparsity")
-        if budget not in ("layer", "row", "nm"):
-            raise ValueError(f"SEFTLinear: budget must be 'layer', 'row' or 'nm', got {budget!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"SEFTLinear: budget must be one of {BUDGETS}, got {budget!r}")
         self.budget = budget
         self.nm_n, self.nm_m = int(nm[0]), int(nm[1])
         if budget == "nm":
             _check_nm(base, self.nm_n, self.nm_m)
-        if method not in ("seft", "spiel", "fixed"):
-            raise ValueError(f"SEFTLinear: method must be 'seft', 'spiel' or 'fixed', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"SEFTLinear: method must be one of {METHODS}, got {method!r}")
         self.method = method
         self.register_buffer("crow", base.crow.clone())
         self.register_buffer("col", base.col.clone())
@@ -173,11 +101,8 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
             self.bias = nn.Parameter(bias.clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.collecting = False
-        self.dense_compute = False  # True: the masked-dense baseline (dense matmuls and gradients)
-        self.sync_group = None  # a process group: the window statistics are shared (distributed.py)
-        self.plan = (0, 0, 0, 0)  # (num_grow, num_prune, sketch, seed) for the window's scan
-        self.window = WindowStats()
+        self.dense_compute = False  # True: the masked-dense baseline (masked_dense.py)
+        self.window = EvolutionWindow()  # opened and closed by the controller
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -212,12 +137,8 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         return self.merged().to_dense()
 
     def dense_weight(self, delta: Optional[Tensor] = None) -> Tensor:
-        """theta + delta as a dense (out, in) matrix in the layer's dtype (masked-dense baseline)."""
-        w = torch.zeros(self.out_features * self.in_features, dtype=self.theta.dtype, device=self.theta.device)
-        rows = torch.searchsorted(self.crow, torch.arange(self.nnz, dtype=self.crow.dtype, device=self.crow.device),
-                                  right=True) - 1
-        w[rows.long() * self.in_features + self.col.long()] = self.effective_values(delta)
-        return w.view(self.out_features, self.in_features)
+        """theta + delta as a dense (out, in) matrix in the layer's dtype."""
+        return dense_weight(self, delta)
 
     def slot_positions(self) -> Tensor:
         """Flat positions (row * in + col) of the delta slots."""
@@ -235,43 +156,21 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
                              f"got shape {tuple(x.shape)}")
         if x.dtype != self.theta.dtype:
             raise ValueError(f"SEFTLinear: x has dtype {x.dtype} but the layer is {self.theta.dtype}")
-        fn = _MaskedDenseFn if self.dense_compute else _SEFTLinearFn
+        fn = MaskedDenseFn if self.dense_compute else _SEFTLinearFn
         return fn.apply(x, self.delta, self.bias, self)
 
     @property
     def grow_inactive(self) -> bool:
         return self.method == "seft"
 
-    def accumulate_window(self, x2: Tensor, dy2: Tensor) -> Tensor:
-        """Add one backward pass (X (T, in), dY (T, out)) to the window statistics; returns
-        the delta's gradient. The first pass of a window scans for the tracked positions."""
+    def feed_window(self, x2: Tensor, dy2: Tensor) -> Optional[Tensor]:
+        """The backward hook: while the evolution window is open (and finite), one backward
+        pass (X (T, in), dY (T, out)) goes into it and the delta's gradient comes back;
+        otherwise None."""
         w = self.window
-        if w.tracked is None:
-            num_grow, num_prune, sketch, seed = self.plan
-            tracked, _, nbytes, finite = ops.csr_grow_scan(
-                dy2, x2, self.crow, self.col, self.theta, self.delta_slots, num_grow, num_prune, self.budget,
-                self.nm_n, self.nm_m, self.grow_inactive, sketch, seed)
-            w.scan_bytes = max(w.scan_bytes, int(nbytes))
-            if self.sync_group is not None:  # every rank tracks the same positions (distributed.py)
-                from . import distributed
-
-                finite = distributed.all_agree(finite, self.sync_group)
-                if finite:
-                    tracked = distributed.union_positions(tracked, self.sync_group)
-            if not finite:
-                w.finite = False
-                return ops.csr_sddmm(dy2, x2, self.crow, self.col, self.delta_slots)
-            w.crow, w.col, w.at_delta, w.at_tracked = ops.csr_slot_union(
-                self.crow, self.col, self.delta_slots, tracked, self.in_features)
-            w.tracked = tracked
-            w.gsum = torch.zeros(tracked.numel(), dtype=self.delta.dtype, device=tracked.device)
-            w.g2sum = torch.zeros_like(w.gsum)
-        g = ops.csr_sddmm(dy2, x2, w.crow, w.col)
-        gt = g[w.at_tracked]
-        w.gsum += gt
-        w.g2sum += gt * gt
-        w.count += 1
-        return g[w.at_delta]
+        if w.collecting and w.finite:
+            return w.accumulate(self, x2, dy2)
+        return None
 
     @torch.no_grad()
     def evolve_(self, num_drop: int, tracked: Tensor, gsum: Tensor) -> tuple[Tensor, Tensor]:
