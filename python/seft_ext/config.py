@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -10,6 +11,8 @@ BUDGETS = ("layer", "row", "nm")
 METHODS = ("seft", "spiel", "fixed")
 # The driver's --method adds two: masked-dense (the SEFT steps with dense compute) and none.
 DRIVER_METHODS = METHODS + ("masked-dense", "none")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_KIND_NAMES = {"int": "an int", "float": "a real number", "str": "a string", "bool": "a bool"}
 
 
 def _help(text: str, default):
@@ -49,21 +52,20 @@ class SEFTConfig:
     seed: int = _help("Seed for the initial delta positions and the scan's sketch.", 0)
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         def bad(msg):
             raise ValueError(f"SEFTConfig: {msg}")
 
-        if not isinstance(self.sparsity, (int, float)) or not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+        if not (0.0 <= self.sparsity < 1.0):
             bad(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+        if self.k is not None and self.k < 1:
             bad(f"k must be a positive int or None, got {self.k}")
         if self.density is not None and not (0.0 < self.density <= 1.0):
             bad(f"density must be in (0, 1] or None, got {self.density}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-            bad(f"lora_rank must be a positive int, got {self.lora_rank}")
-        if not isinstance(self.update_interval, int) or self.update_interval < 1:
-            bad(f"update_interval must be a positive int, got {self.update_interval}")
-        if not isinstance(self.grow_accumulation, int) or self.grow_accumulation < 1:
-            bad(f"grow_accumulation must be a positive int, got {self.grow_accumulation}")
+        for name in ("lora_rank", "update_interval", "grow_accumulation", "nm_n", "nm_m"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be a positive int, got {getattr(self, name)}")
         if not (0.0 <= self.drop_fraction <= 1.0):
             bad(f"drop_fraction must be in [0, 1], got {self.drop_fraction}")
         if self.schedule not in SCHEDULES:
@@ -76,10 +78,31 @@ class SEFTConfig:
             bad(f"N:M needs 1 <= nm_n <= nm_m, got {self.nm_n}:{self.nm_m}")
         if self.method not in METHODS:
             bad(f"method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.scan_sketch, int) or self.scan_sketch < 0:
+        if self.scan_sketch < 0:
             bad(f"scan_sketch must be an int >= 0, got {self.scan_sketch}")
         if not (self.candidate_factor >= 1.0):
             bad(f"candidate_factor must be >= 1, got {self.candidate_factor}")
+        if not (INT64_MIN <= self.seed <= INT64_MAX):
+            bad(f"seed must fit in int64, got {self.seed}")
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated kind: ints (never bools), finite reals, strings, bools;
+        ``Optional[...]`` fields may also be None."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            if kind.startswith("Optional["):
+                if v is None:
+                    continue
+                kind = kind[len("Optional["):-1]
+            ok = {"int": isinstance(v, numbers.Integral) and not isinstance(v, bool),
+                  "float": isinstance(v, numbers.Real) and not isinstance(v, bool),
+                  "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind, True)
+            if not ok:
+                raise TypeError(f"SEFTConfig: {f.name} must be {_KIND_NAMES[kind]}, got {type(v).__name__} {v!r}")
+            if kind == "float" and not math.isfinite(v):
+                raise ValueError(f"SEFTConfig: {f.name} must be finite, got {v}")
+            if kind in ("int", "float") and type(v) not in (int, float):  # e.g. numpy scalars
+                setattr(self, f.name, int(v) if kind == "int" else float(v))
 
     @property
     def window_steps(self) -> int:

@@ -50,6 +50,11 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
 
 
+def _wrap_int64(v: int) -> int:
+    """v as a two's-complement int64 (the ops take int64 seeds); unchanged when it fits."""
+    return (v + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def _nvtx_range(name: str, on: bool):
     """An NVTX range (seen by nsys) around an evolution step on CUDA; nothing otherwise."""
     return torch.cuda.nvtx.range(name) if on else contextlib.nullcontext()
@@ -148,7 +153,7 @@ class SEFTController:
                 continue
             num_grow = math.ceil(self.config.candidate_factor * n)
             layer.window.open(ScanPlan(num_grow, num_grow if layer.grow_inactive else 0, self.config.scan_sketch,
-                                       self.config.seed * 1_000_003 + e))
+                                       _wrap_int64(self.config.seed * 1_000_003 + e)))
 
     # ------------------------------------------------------------------ the step
     def step(self) -> Optional[dict]:
