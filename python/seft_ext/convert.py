@@ -67,9 +67,10 @@ def model_sparsity(model: nn.Module) -> float:
     """Fraction of zeros over the SEFT layers, or (none converted) over the decoder's nn.Linear weights."""
     layers = seft_layers(model)
     if layers:
-        nnz = sum(m.nnz for m in layers.values())
-        return 1.0 - nnz / sum(m.out_features * m.in_features for m in layers.values())
-    from .prune_llm import decoder_layers
+        nnz, total = sum(m.nnz for m in layers.values()), sum(m.out_features * m.in_features for m in layers.values())
+    else:
+        from .prune_llm import decoder_layers
 
-    ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)]
-    return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        ws = [m.weight for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)]
+        nnz, total = sum(int((w != 0).sum()) for w in ws), sum(w.numel() for w in ws)
+    return 1.0 - nnz / total if total else 0.0

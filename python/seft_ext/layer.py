@@ -22,7 +22,8 @@ class CSRPatternMixin:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.out_features * self.in_features)
+        total = self.out_features * self.in_features
+        return 1.0 - self.nnz / total if total else 0.0
 
 
 class SparseLinear(CSRPatternMixin, nn.Module):

@@ -121,6 +121,18 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         return cls(base, k, bias, config.budget, (config.nm_n, config.nm_m), config.method,
                    config.seed if seed is None else seed)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()`` ...: theta and bias follow; the delta keeps its
+        accumulation dtype (float32, float64 for a float64 base), converted from its exact values."""
+        delta, grad = self.delta.detach().clone(), None if self.delta.grad is None else self.delta.grad.clone()
+        super()._apply(fn, recurse)
+        want = ops.acc_dtype(self.theta.dtype)
+        if self.delta.dtype != want:
+            self.delta.data = delta.to(device=self.delta.device, dtype=want)
+            if grad is not None:
+                self.delta.grad = grad.to(device=self.delta.device, dtype=want)
+        return self
+
     # ------------------------------------------------------------------ the weight
     def effective_values(self, delta: Optional[Tensor] = None) -> Tensor:
         """Values of ``theta + delta`` over the pattern, in the layer's dtype."""
