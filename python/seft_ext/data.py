@@ -14,36 +14,68 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 def load_text(spec: str) -> tuple[str, str]:
     """(train text, held-out text). ``spec``: "default" (the shipped KJV split), or local
-    .txt / .jsonl files separated by commas (.jsonl: a "text" field per line); their last
-    10% of characters (at a line break) is held out."""
+    .txt / .jsonl files separated by commas (.jsonl: an object with a string "text" field per
+    line); their last 10% of characters (at a line break) is held out. A file that is missing,
+    empty, not UTF-8, or (.jsonl) has a line that is not such an object is refused with its
+    name and line number."""
     if spec == "default":
         return (DATA_DIR / "kjv_train.txt").read_text(), (DATA_DIR / "kjv_heldout.txt").read_text()
-    parts = []
-    for name in spec.split(","):
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"--data {name}: no such file (give .txt / .jsonl files, or 'default')")
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--data {name}: cannot read it as UTF-8 text: {e}") from None
-        if path.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(str(json.loads(line)["text"]))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"--data {name}: line {i} is not a JSON object with a 'text' field") from None
-            raw = "\n".join(texts)
-        parts.append(raw)
-    text = "\n".join(parts)
+    text = "\n".join(read_data_file(name) for name in spec.split(","))
     if len(text.strip()) < 100:
-        raise ValueError(f"--data {spec}: the text is empty or too short ({len(text.strip())} characters)")
+        raise ValueError(f"--data {spec}: the text is too short ({len(text.strip())} characters)")
     cut = text.rfind("\n", 0, int(len(text) * 0.9))
     cut = cut if cut > 0 else int(len(text) * 0.9)
     return text[:cut], text[cut:]
+
+
+def data_files(spec: str) -> list[Path]:
+    """The files ``--data spec`` reads (the shipped ones for "default")."""
+    if spec == "default":
+        return [DATA_DIR / "kjv_train.txt", DATA_DIR / "kjv_heldout.txt"]
+    return [Path(name) for name in spec.split(",")]
+
+
+def read_data_file(name: str) -> str:
+    """The text of one --data file (.jsonl: its lines' "text" fields joined by line breaks)."""
+    path = Path(name)
+    if not name.strip():
+        raise ValueError("--data: an empty file name in the list (a stray comma?)")
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {name}: no such file (give .txt / .jsonl files, or 'default')")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--data {name}: cannot read it: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"--data {name}: line {line} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if path.suffix == ".jsonl":
+        text = "\n".join(_jsonl_texts(name, text))
+    if not text.strip():
+        raise ValueError(f"--data {name}: the file is empty")
+    return text
+
+
+def _jsonl_texts(name: str, raw: str) -> list[str]:
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise ValueError(f"--data {name}: line {i} is not JSON") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"--data {name}: line {i} is a JSON {type(obj).__name__}, not an object with a "
+                             "'text' field")
+        if not isinstance(obj.get("text"), str):
+            what = "has no 'text' field" if "text" not in obj else \
+                f"has a 'text' that is {json.dumps(obj['text'])[:20]}, not a string"
+            raise ValueError(f"--data {name}: line {i} {what}")
+        texts.append(obj["text"])
+    return texts
 
 
 def token_windows(tokenizer, text: str, seq_len: int, bos: bool = False) -> Tensor:
@@ -73,7 +105,10 @@ def perplexity(model, windows: Tensor, batch_size: int = 8) -> float:
                                                 reduction="sum")
         total += nll.item()
         count += ids[:, 1:].numel()
-    return math.exp(total / count)
+    try:
+        return math.exp(total / count)
+    except OverflowError:
+        return math.inf
 
 
 def load_wordnet(split: str) -> list[dict]:
