@@ -67,23 +67,62 @@ def _cached_default(progress: bool) -> Path:
     return cache
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = True):
-    """(model, tokenizer) for ``spec``: "default" or a local Hugging Face model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_folder(spec: str, progress: bool = True) -> Path:
+    """The local folder of ``spec``: "default" (de-quantised and cached once) or a Hugging Face folder."""
     if spec == "default":
-        folder = _cached_default(progress)
-    else:
-        folder = Path(spec)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--model {spec}: no such folder (give a local Hugging Face model folder, "
-                                    "or 'default')")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer: Optional[object]
+        return _cached_default(progress)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {spec}: no such folder (give a local Hugging Face model folder, "
+                                "or 'default')")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = True, need_tokenizer: bool = False):
+    """(model, tokenizer) for ``spec``: "default" or a local Hugging Face model folder. The
+    tokenizer is None when the folder has none (refused first with ``need_tokenizer``); a folder
+    whose weights do not cover the model (say, SEFT layers saved as a state dict) is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    folder = model_folder(spec, progress)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None and need_tokenizer:
+        raise ValueError(f"--model {spec}: the folder has no tokenizer (tokenizer.json / tokenizer_config.json); "
+                         "save the model's tokenizer into it (tokenizer.save_pretrained)")
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        tokenizer = None
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    _check_weights(spec, info)
     return model, tokenizer
+
+
+def load_tokenizer(folder: Path) -> Optional[object]:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_weights(spec: str, info: dict) -> None:
+    """Refuse a model some of whose weights were not in the folder (transformers would
+    initialise them at random)."""
+    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])
+    if not missing:
+        return
+    seft = any(k.endswith((".theta", ".delta_slots")) for k in info.get("unexpected_keys") or [])
+    hint = (" The folder holds SEFT layers (crow / col / theta / delta), not dense weights: write a dense folder "
+            "with `seft export` or seft_ext.hf.export_dense." if seft else "")
+    raise ValueError(f"--model {spec}: {len(missing)} weights are missing or of the wrong shape in the folder "
+                     f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); transformers would "
+                     f"initialise them at random.{hint}")
