@@ -67,13 +67,21 @@ def export_sparse(model: nn.Module, path: Path) -> None:
         raise ValueError("export_sparse: the model has no sparse layer")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"seft_ext": "sparse-v1", "shapes": json.dumps(shapes)})
+    try:
+        save_file(tensors, str(tmp), metadata={"seft_ext": "sparse-v1", "shapes": json.dumps(shapes)})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
-def export_dense(model: nn.Module, tokenizer, folder: Path) -> None:
+def export_dense(model: nn.Module, tokenizer, folder: Path, overwrite: bool = False) -> None:
     """Replace every SEFTLinear by an nn.Linear holding theta + delta and save a plain HF folder
-    (written aside, then moved into place)."""
+    (written aside, then moved into place). An existing ``folder`` is refused unless
+    ``overwrite``; a failed write leaves nothing behind."""
+    folder = Path(folder)
+    if (folder.exists() or folder.is_symlink()) and not overwrite:
+        raise FileExistsError(f"export_dense: {folder} exists; remove it or pass overwrite=True")
     for name, layer in seft_layers(model).items():
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.theta.dtype)
         with torch.no_grad():
@@ -81,32 +89,77 @@ def export_dense(model: nn.Module, tokenizer, folder: Path) -> None:
             if layer.bias is not None:
                 lin.bias.copy_(layer.bias)
         replace_module(model, name, lin)
-    folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
+    _remove(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(folder)
     tmp.rename(folder)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link or a folder tree, if there."""
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def load_sparse(model: nn.Module, path: Path) -> list[str]:
     """Replace the modules named in a file written by ``export_sparse`` with SparseLinear
-    layers holding its weights; returns their names."""
-    from safetensors import safe_open
+    layers holding its weights; returns their names. Every entry is checked first (the
+    target is an nn.Linear or SparseLinear of the same shape, the CSR arrays are valid), so a
+    file that does not fit the model leaves it unchanged."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("seft_ext") != "sparse-v1":
-            raise ValueError(f"load_sparse: {path} is not a seft_ext sparse export")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("seft_ext") != "sparse-v1":
+                raise ValueError(f"load_sparse: {path} is not a seft_ext sparse export")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         shapes = json.loads(meta["shapes"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, shape in shapes.items():
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"load_sparse: {path} is not a readable seft_ext sparse export ({e})") from None
+    if not isinstance(shapes, dict) or not shapes:
+        raise ValueError(f"load_sparse: {path} names no layer")
+    layers = {name: _checked_sparse_layer(model, name, shape, tensors, path) for name, shape in shapes.items()}
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    return list(layers)
+
+
+def _checked_sparse_layer(model: nn.Module, name: str, shape, tensors: dict, path) -> SparseLinear:
+    """The SparseLinear for one entry of a sparse export, on the device of the module it replaces."""
+    def bad(msg):
+        raise ValueError(f"load_sparse: {path}: layer {name!r}: {msg}")
+
+    try:
+        target = model.get_submodule(name)
+    except AttributeError:
+        bad("the model has no module of that name")
+    if not isinstance(target, (nn.Linear, SparseLinear)):
+        bad(f"the model's module is a {type(target).__name__}, not a linear layer")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)):
+        bad(f"bad shape {shape!r}")
+    if tuple(shape) != (target.out_features, target.in_features):
+        bad(f"shape {tuple(shape)} differs from the model's ({target.out_features}, {target.in_features})")
+    missing = [f for f in ("crow", "col", "values") if f"{name}.{f}" not in tensors]
+    if missing:
+        bad(f"missing tensors {missing}")
+    bias = tensors.get(f"{name}.bias")
+    if (bias is None) != (target.bias is None):
+        bad("has a bias where the model's layer has none" if bias is not None else "has no bias, the model's layer has one")
+    device = target.values.device if isinstance(target, SparseLinear) else target.weight.device
+    try:
         w = CSRWeight(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))
-        try:
-            replace_module(model, name, SparseLinear(w, tensors.get(f"{name}.bias")))
-        except ValueError as e:
-            raise ValueError(f"load_sparse: {e}") from None
-    return list(shapes)
+        return SparseLinear(w.to(device), None if bias is None else bias.to(device))
+    except ValueError as e:
+        bad(str(e))
