@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,44 +75,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parser() -> argparse.ArgumentParser:
+    """The parser of ``_parser`` with the options of the output folder's ownership added."""
+    p = _parser()
+    commands = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction)).choices
+    for name in ("run", "prune", "train", "export"):
+        commands[name].add_argument("--overwrite", action="store_true",
+                                    help="replace the results and checkpoints of another run in --out (only "
+                                         "files seft wrote are deleted)")
+    return p
+
+
 def _check_args(a) -> None:
-    if a.seq_len < 8 or a.batch_size < 1:
-        raise SystemExit("seft: --seq-len must be >= 8 and --batch-size >= 1")
+    """The options' checks (pipeline.check_options), and --device."""
+    from .pipeline import check_options
+
+    check_options(a)
     if a.command in ("run", "prune", "train"):
-        if a.command == "prune":  # prune only: no training
-            a.method, a.steps = "none", 0
-        if a.prune is None:
-            a.prune = "existing" if a.command == "train" else "wanda"
-        if a.budget is None:
-            a.budget = "nm" if PATTERNS[a.pattern][0] == "nm" else "layer"
-        if a.budget == "nm" and PATTERNS[a.pattern][0] != "nm":
-            raise SystemExit(f"seft: --budget nm needs an N:M --pattern (2:4 or 4:8), got {a.pattern}")
-        if not (0.0 <= a.sparsity < 1.0):
-            raise SystemExit(f"seft: --sparsity must be in [0, 1), got {a.sparsity}")
-        if a.steps < 0 or a.lr <= 0:
-            raise SystemExit("seft: --steps must be >= 0 and --lr > 0")
-        if a.checkpoint_every < 0 or a.keep_checkpoints < 1:
-            raise SystemExit("seft: --checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
         _check_device(a.device)
 
 
 def _check_device(spec: str) -> None:
     from ._lib import has_kernels
+    from .pipeline import UsageError
 
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise SystemExit(f"seft: --device must be cpu, cuda or cuda:N, got {spec!r}") from None
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from None
     if dev.type == "cpu":
         return
     if dev.type != "cuda":
-        raise SystemExit(f"seft: --device must be cpu, cuda or cuda:N, got {spec!r}")
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
     if not torch.cuda.is_available():
-        raise SystemExit(f"seft: --device {spec}: torch sees no CUDA device (torch {torch.__version__})")
+        raise UsageError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__})")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f"seft: --device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
     if not has_kernels("csr_spmm", "cuda"):
-        raise SystemExit(f"seft: --device {spec}: this build of seft_ext has no CUDA kernels; rebuild it with a "
+        raise UsageError(f"--device {spec}: this build of seft_ext has no CUDA kernels; rebuild it with a "
                          "CUDA torch and nvcc on PATH (see README, Install)")
 
 
@@ -144,21 +145,28 @@ def _is_main_rank() -> bool:
 
 
 def cmd_export(a) -> int:
-    """The newest intact checkpoint of --run as DIR/dense (HF folder) and DIR/sparse.safetensors."""
-    from . import checkpoint
+    """The newest intact checkpoint of --run as DIR/dense (HF folder) and DIR/sparse.safetensors,
+    written aside and moved in together."""
+    from . import checkpoint, run_folder
     from .convert import model_sparsity
     from .hf import export_dense, export_sparse
     from .models import load_model
 
     info, tensor_file = checkpoint.latest(Path(a.run))
-    saved = info["meta"]["args"]
+    saved, run_id = info["meta"]["args"], info["meta"]["run_id"]
+    out = Path(a.out)
+    run_folder.claim(out, run_id, "export", a.overwrite)
     model, tok = load_model(saved["model"], DTYPES[saved.get("dtype", "fp32")], not a.no_progress)
     checkpoint.restore(info, tensor_file, model)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export_sparse(model, out / "sparse.safetensors")
-    sparsity = model_sparsity(model)
-    export_dense(model, tok, out / "dense")
+    aside = run_folder.aside_folder(out, run_id)
+    try:
+        export_sparse(model, aside / "sparse.safetensors")
+        sparsity = model_sparsity(model)
+        export_dense(model, tok, aside / "dense")
+    except BaseException:
+        run_folder.discard(aside)
+        raise
+    run_folder.install(out, run_id, aside)
     print(f"seft: exported step {info['step']} of {a.run} to {out}/dense and {out}/sparse.safetensors "
           f"(sparsity {sparsity:.4f})")
     return 0
@@ -170,8 +178,8 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .pipeline import evaluate
 
-    model, tok = load_model(a.model, progress=not a.no_progress)
     _, heldout = load_text(a.data)
+    model, tok = load_model(a.model, progress=not a.no_progress, need_tokenizer=True)
     res = evaluate(model, tok, heldout, a)
     res["sparsity"] = model_sparsity(model)
     print(json.dumps(res, indent=2))
@@ -179,22 +187,75 @@ def cmd_eval(a) -> int:
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
-    _check_args(a)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    """``seft``: 0 on success, 2 for an error explained in one line (bad options or input, a
+    failed write), 130 after Ctrl-C."""
+    from .pipeline import JobError
+
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
+    a = parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "prune": cmd_run, "train": cmd_run, "eval": cmd_eval,
-                "export": cmd_export}[a.command](a)
-    except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError) as e:
+        _check_args(a)
+    except ValueError as e:  # UsageError, run_folder.RunFolderError
         print(f"seft: error: {e}", file=sys.stderr)
         return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ok = False
+    try:
+        rc = {"run": cmd_run, "prune": cmd_run, "train": cmd_run, "eval": cmd_eval, "export": cmd_export}[a.command](a)
+        ok = True
+        return rc
+    except KeyboardInterrupt as e:
+        print(_interrupted(a, argv, getattr(e, "step", None)), file=sys.stderr, flush=True)
+        return 130
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError, OSError, JobError) as e:
+        print(f"seft: error{_rank_tag()}: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
-        import torch.distributed as dist
+        _leave_process_group(ok)
 
-        if dist.is_available() and dist.is_initialized():  # under torchrun: leave together
-            dist.barrier()
-            dist.destroy_process_group()
+
+def _rank_tag() -> str:
+    import torch.distributed as dist
+
+    return f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
+
+
+def _leave_process_group(ok: bool) -> None:
+    """Under torchrun: after a success the ranks leave together; after a failure this rank leaves
+    at once (waiting in a barrier would hang the job: the others may be inside a collective)."""
+    import torch.distributed as dist
+
+    if ok and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _interrupted(a, argv: list, step) -> str:
+    """One line: where the run stopped, its newest checkpoint and the command that resumes it."""
+    from . import checkpoint
+
+    at = f" after step {step}" if step is not None else ""
+    if a.command not in ("run", "train"):
+        return f"seft: interrupted{at}"
+    newest = checkpoint.newest_step(Path(a.out))
+    if newest is None:
+        return f"seft: interrupted{at}; no checkpoint to resume from (--checkpoint-every N writes them)"
+    return (f"seft: interrupted{at}; newest checkpoint: step {newest}; resume with: "
+            f"{shlex.join(['seft', *_resume_argv(argv, a.out)])}")
+
+
+def _resume_argv(argv: list, out: str) -> list:
+    """``argv`` without --resume / --overwrite, then --resume OUT."""
+    args, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--resume":
+            skip = True
+        elif not (x.startswith("--resume=") or x == "--overwrite"):
+            args.append(x)
+    return args + ["--resume", str(out)]
 
 
 if __name__ == "__main__":

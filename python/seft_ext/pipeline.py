@@ -8,7 +8,9 @@ e.g. ``run_job(options("run", model="path/to/hf_folder", steps=20, out="out"))``
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,9 +23,26 @@ from .config import SEFTConfig
 
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The options a resumed run must share with the run it continues.
+# The options a resumed run must share with the run it continues, and the contents behind two of them.
 RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size",
                "lr", "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
+CONTENT_KEYS = {"model_sha256": "--model weights", "data_sha256": "--data files"}
+
+
+class UsageError(ValueError):
+    """An option, or a combination of options, that cannot work; the message names it."""
+
+
+class JobError(RuntimeError):
+    """A failure during the job, explained in one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, taken after the training step ``step`` finished."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
 
 @dataclass
@@ -46,6 +65,8 @@ class Job:
     config: Optional[SEFTConfig] = None
     summary: dict = field(default_factory=dict)
     resume: Optional[tuple] = None  # (checkpoint info, tensor file) when resuming
+    run_id: str = ""  # the run's identity (run_folder.py), kept in its checkpoints and DIR/run.json
+    fingerprint: dict = field(default_factory=dict)  # sha256 of the model weights and data files
     masks: Optional[dict] = None
     train_seconds: float = 0.0
 
@@ -60,9 +81,9 @@ class Job:
 
 def options(command: str = "run", **overrides):
     """The options of ``seft COMMAND`` with their CLI defaults, then ``overrides``."""
-    from .cli import _parser
+    from .cli import parser
 
-    a = _parser().parse_args([command] + (["--run", overrides["run"]] if command == "export" else []))
+    a = parser().parse_args([command] + (["--run", overrides["run"]] if command == "export" else []))
     for k, v in overrides.items():
         if not hasattr(a, k):
             raise ValueError(f"options: seft {command} has no option {k!r}")
@@ -72,6 +93,7 @@ def options(command: str = "run", **overrides):
 
 def run_job(a) -> dict:
     """Runs the phases of ``a.command`` (run, prune or train); returns the summary."""
+    check_options(a)
     job = prepare(a)
     if job.resume is None:
         prune(job)
@@ -83,9 +105,75 @@ def run_job(a) -> dict:
     return job.summary
 
 
+# ---------------------------------------------------------------------- options
+def check_options(a) -> None:
+    """Fill in the defaults that depend on the command and refuse what cannot work (UsageError,
+    naming the option), before anything is loaded."""
+    _check_common(a)
+    if a.command in ("run", "prune", "train"):
+        _resolve_defaults(a)
+        _check_run(a)
+    if a.command in ("run", "prune", "train", "export"):
+        from .run_folder import check_writable
+
+        check_writable(Path(a.out), "--out")
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UsageError(msg)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_common(a) -> None:
+    _need(_is_int(a.seq_len) and a.seq_len >= 8, f"--seq-len must be an int >= 8, got {a.seq_len}")
+    _need(_is_int(a.batch_size) and a.batch_size >= 1, f"--batch-size must be an int >= 1, got {a.batch_size}")
+    for opt in ("eval_windows", "task_items", "threads"):
+        v = getattr(a, opt)
+        _need(_is_int(v) and v >= 0, f"--{opt.replace('_', '-')} must be an int >= 0, got {v}")
+    _need(_is_int(a.seed) and -(1 << 63) <= a.seed < (1 << 63), f"--seed must fit in int64, got {a.seed}")
+
+
+def _resolve_defaults(a) -> None:
+    if a.command == "prune":  # prune only: no training
+        a.method, a.steps = "none", 0
+    if a.prune is None:
+        a.prune = "existing" if a.command == "train" else "wanda"
+    if a.budget is None:
+        a.budget = "nm" if PATTERNS[a.pattern][0] == "nm" else "layer"
+
+
+def _check_run(a) -> None:
+    kind, (n, m) = PATTERNS[a.pattern]
+    _need(not (a.budget == "nm" and kind != "nm"), f"--budget nm needs an N:M --pattern (2:4 or 4:8), got {a.pattern}")
+    _need(math.isfinite(a.sparsity) and 0.0 <= a.sparsity < 1.0, f"--sparsity must be in [0, 1), got {a.sparsity}")
+    _need(kind != "nm" or a.prune == "existing" or a.sparsity == 1 - n / m,
+          f"--pattern {a.pattern} keeps {n} of every {m} weights, a sparsity of {1 - n / m}; --sparsity "
+          f"{a.sparsity} cannot apply (leave it out)")
+    _need(_is_int(a.steps) and a.steps >= 0, f"--steps must be an int >= 0, got {a.steps}")
+    _need(math.isfinite(a.lr) and a.lr > 0, f"--lr must be a finite number > 0, got {a.lr}")
+    for opt in ("log_every", "update_interval", "lora_rank", "keep_checkpoints"):
+        v = getattr(a, opt)
+        _need(_is_int(v) and v >= 1, f"--{opt.replace('_', '-')} must be an int >= 1, got {v}")
+    _need(_is_int(a.checkpoint_every) and a.checkpoint_every >= 0,
+          f"--checkpoint-every must be an int >= 0, got {a.checkpoint_every}")
+    _need(_is_int(a.calib_windows) and (a.calib_windows >= 1 or a.prune not in ("wanda", "sparsegpt")),
+          f"--calib-windows must be >= 1 for --prune {a.prune}, got {a.calib_windows}")
+    if a.resume:
+        _need(Path(a.resume, "checkpoints").is_dir(), f"--resume {a.resume}: no checkpoints folder there")
+    try:
+        seft_config(a)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 # ---------------------------------------------------------------------- prepare
 def prepare(a) -> Job:
-    """Distributed set-up, the resume check, the model, the data and the SEFT config."""
+    """Distributed set-up, the data, the resume check, the output folder (claimed for this run),
+    the model and the SEFT config: everything that can be refused is, before the model loads."""
     from .data import load_text, token_windows
     from .models import load_model
 
@@ -94,19 +182,43 @@ def prepare(a) -> Job:
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
     torch.manual_seed(a.seed)
     job = Job(a, rank, world, device, Path(a.out), say, progress, torch.Generator().manual_seed(a.seed))
-    if a.resume:
-        job.resume = _checked_resume(a, world)
-    job.out.mkdir(parents=True, exist_ok=True)
-    job.model, job.tok = load_model(a.model, DTYPES[a.dtype], progress)
-    job.model.to(device)
-    if job.tok is None:
-        raise SystemExit(f"seft: --model {a.model} has no tokenizer")
     train_text, job.heldout = load_text(a.data)
+    if a.resume or a.checkpoint_every:
+        job.fingerprint = fingerprint(a, progress)
+    if a.resume:
+        job.resume = _checked_resume(a, world, job.fingerprint)
+    if job.main_rank:  # the other ranks write nothing
+        from .run_folder import claim, new_run_id
+
+        job.run_id = job.resume[0]["meta"]["run_id"] if job.resume else new_run_id()
+        claim(job.out, job.run_id, a.command, getattr(a, "overwrite", False))
+    job.model, job.tok = load_model(a.model, DTYPES[a.dtype], progress, need_tokenizer=True)
+    job.model.to(device)
     job.train_windows = token_windows(job.tok, train_text, a.seq_len)
     job.config = seft_config(a)
     if job.resume is not None:
         _restore_model(job)
     return job
+
+
+def fingerprint(a, progress: bool = False) -> dict:
+    """sha256 of the model's weights and config and of the data files: a resume must see the same contents."""
+    from .data import data_files
+    from .models import model_folder
+
+    folder = model_folder(a.model, progress)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    return {"model_sha256": _hash_files(weights), "data_sha256": _hash_files(data_files(a.data))}
+
+
+def _hash_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def seft_config(a) -> SEFTConfig:
@@ -117,23 +229,29 @@ def seft_config(a) -> SEFTConfig:
                       update_interval=a.update_interval, lora_rank=a.lora_rank, seed=a.seed)
 
 
-def run_args(a, world: int) -> dict:
-    """The options recorded with each checkpoint (and compared on resume)."""
-    return {**{k: getattr(a, k) for k in RESUME_KEYS}, "world_size": world}
+def run_args(a, world: int, fingerprint: Optional[dict] = None) -> dict:
+    """The options recorded with each checkpoint (and compared on resume), with the contents' hashes."""
+    return {**{k: getattr(a, k) for k in RESUME_KEYS}, "world_size": world, **(fingerprint or {})}
 
 
-def _checked_resume(a, world: int) -> tuple:
-    """The newest intact checkpoint of --resume, refused when the options differ from its run's."""
+def _checked_resume(a, world: int, fingerprint: dict) -> tuple:
+    """The newest intact checkpoint of --resume, refused when the options or the contents of the
+    model and data differ from its run's, or when its step does not fit this run."""
     from . import checkpoint
 
     info, tensor_file = checkpoint.latest(Path(a.resume))
-    saved, now = info["meta"]["args"], run_args(a, world)
+    saved, now = info["meta"]["args"], run_args(a, world, fingerprint)
     diff = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS
             if saved.get(k) != now[k]]
+    diff += [f"the {what} changed (sha256 differs)" for k, what in CONTENT_KEYS.items() if saved.get(k) != now[k]]
     if saved.get("world_size", 1) != world:
         diff.append(f"world size was {saved.get('world_size', 1)}, now {world}")
     if diff:
         raise ValueError("--resume with a different configuration: " + "; ".join(diff))
+    total = info["controller"]["total_steps"]
+    if info["step"] > a.steps or total != a.steps:
+        raise checkpoint.CheckpointError(f"checkpoint {tensor_file}: step {info['step']} of {total} does not fit "
+                                         f"--steps {a.steps}")
     return info, tensor_file
 
 
@@ -143,9 +261,9 @@ def _restore_model(job: Job) -> None:
     info, tensor_file = job.resume
     job.summary = info["meta"]["summary"]
     job.say(f"resuming from step {info['step']} of {job.opts.resume}")
-    job.resume = (info, checkpoint.restore(info, tensor_file, job.model))
+    job.resume = (info, checkpoint.restore(info, tensor_file, job.model), tensor_file)
     job.model.to(job.device)
-    job.train_seconds = job.summary["train_seconds"]
+    job.train_seconds = float(job.summary.get("train_seconds", 0.0))
 
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -193,16 +311,18 @@ def prune(job: Job) -> None:
     from .prune_llm import existing_masks, prune_model
 
     a = job.opts
-    job.summary = {"model": a.model, "data": a.data, "method": a.method, "prune": a.prune, "pattern": a.pattern,
-                   "budget": a.budget, "sparsity_target": a.sparsity, "steps": a.steps, "seq_len": a.seq_len,
-                   "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "threads": torch.get_num_threads()}
+    job.summary = {"run_id": job.run_id, "model": a.model, "data": a.data, "method": a.method, "prune": a.prune,
+                   "pattern": a.pattern, "budget": a.budget, "sparsity_target": a.sparsity, "steps": a.steps,
+                   "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+                   "threads": torch.get_num_threads()}
+    if a.prune == "existing":
+        job.masks = existing_masks(job.model)
+        job.summary["sparsity_target"] = _existing_sparsity(job)
     job.say("evaluating the dense model")
     dense = _evaluate(job)
     job.summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
     calib = job.train_windows[torch.randperm(job.train_windows.shape[0], generator=job.data_rng)[:a.calib_windows]]
-    if a.prune == "existing":
-        job.masks = existing_masks(job.model)
-    else:
+    if a.prune != "existing":
         job.say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
         batches = [calib[i:i + a.batch_size].to(job.device) for i in range(0, calib.shape[0], a.batch_size)]
         budget, nm = PATTERNS[a.pattern]
@@ -211,6 +331,20 @@ def prune(job: Job) -> None:
     pruned = _evaluate(job)
     job.summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"), topology_changes=0,
                        train_seconds=0.0)
+
+
+def _existing_sparsity(job: Job) -> float:
+    """The sparsity of the model's own zeros (--prune existing); a model with none is refused."""
+    kept = sum(int(m.sum()) for m in job.masks.values())
+    total = sum(m.numel() for m in job.masks.values())
+    sparsity = 1.0 - kept / total if total else 0.0
+    if sparsity < 0.01:
+        raise UsageError(f"--prune existing: --model {job.opts.model} has no pruned weights (sparsity "
+                         f"{sparsity:.3f}); prune it first (seft prune), or give --prune wanda | sparsegpt | magnitude")
+    if job.main_rank and not job.opts.no_progress:
+        print(f"seft: --prune existing: the model's own zeros are the mask (sparsity {sparsity:.3f}); "
+              "--sparsity does not apply", flush=True)
+    return round(sparsity, 4)
 
 
 # ---------------------------------------------------------------------- train
@@ -236,17 +370,38 @@ def finish(job: Job) -> None:
 
 
 def export(job: Job) -> None:
-    """DIR/sparse.safetensors, DIR/dense (a plain HF folder) and DIR/summary.json (rank 0)."""
+    """DIR/sparse.safetensors, DIR/dense (a plain HF folder) and DIR/summary.json (rank 0),
+    written aside and moved in together (run_folder.install): a failure leaves DIR as it was."""
+    from . import run_folder
     from .convert import seft_layers
     from .hf import export_dense, export_sparse
 
-    if not job.opts.no_export:
-        if seft_layers(job.model):
-            export_sparse(job.model, job.out / "sparse.safetensors")
-        export_dense(job.model, job.tok, job.out / "dense")
-    tmp = job.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(job.summary, indent=2) + "\n")
-    os.replace(tmp, job.out / "summary.json")
+    aside = run_folder.aside_folder(job.out, job.run_id)
+    try:
+        if not job.opts.no_export:
+            if seft_layers(job.model):
+                export_sparse(job.model, aside / "sparse.safetensors")
+            export_dense(job.model, job.tok, aside / "dense")
+        write_json(aside / "summary.json", job.summary)
+    except BaseException:
+        run_folder.discard(aside)
+        raise
+    run_folder.install(job.out, job.run_id, aside)
+
+
+def write_json(path: Path, obj) -> None:
+    """JSON with NaN / Inf written as null (they are not JSON)."""
+    path.write_text(json.dumps(finite_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite_json(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def peak_rss() -> int:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import torch
 
-from .pipeline import run_args
+from .pipeline import Interrupted, JobError, run_args
 
 
 class TrainLoop:
@@ -30,10 +32,11 @@ class TrainLoop:
         if job.resume is not None:
             from . import checkpoint
 
-            info, tensors = job.resume
-            checkpoint.restore_training(info, tensors, self.opt, self.ctl, job.data_rng)
+            info, tensors, tensor_file = job.resume
+            checkpoint.restore_training(info, tensors, self.opt, self.ctl, job.data_rng, tensor_file)
             self.start = info["step"] + 1
-        self.run_args = run_args(a, job.world)
+        self.run_args = run_args(a, job.world, job.fingerprint)
+        self.saved_step = 0  # the step of the last checkpoint written
 
     def _wrap_ddp(self):
         """DDP over the deltas; the buffers (topology) stay in step through the controller."""
@@ -49,21 +52,25 @@ class TrainLoop:
         bar = _progress_bar(a.steps, self.start - 1, f"train {a.method}", job.progress)
         self.t0 = time.time() - job.train_seconds
         delay = float(os.environ.get("SEFT_DEBUG_STEP_DELAY", "0"))  # slows the loop, for kill tests
-        with self._open_log() as log:
-            for step in range(self.start, a.steps + 1):
-                loss = self.step()
-                self._log(log, step, loss)
-                self._maybe_checkpoint(step)
-                if delay:
-                    time.sleep(delay)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-        if bar is not None:
-            bar.close()
+        try:
+            with self._open_log() as log, _DeferredInterrupt(job.world == 1) as interrupt:
+                for step in range(self.start, a.steps + 1):
+                    loss = self.step(step)
+                    self._log(log, step, loss)
+                    self._maybe_checkpoint(step)
+                    if interrupt.requested:
+                        self._stop(step)
+                    if delay:
+                        time.sleep(delay)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+        finally:
+            if bar is not None:
+                bar.close()
         job.train_seconds = time.time() - self.t0
 
-    def step(self) -> torch.Tensor:
+    def step(self, step: int) -> torch.Tensor:
         """One optimizer step on this rank's share of the global batch, then the controller."""
         job, a = self.job, self.job.opts
         # the global batch is batch_size x world windows; each rank takes its share
@@ -72,6 +79,7 @@ class TrainLoop:
         batch = job.train_windows[idx].to(job.device)
         loss = self.net(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
+        self._check_finite(step, loss)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         report = self.ctl.step()
@@ -79,28 +87,107 @@ class TrainLoop:
             job.summary["topology_changes"] += sum(r.get("grown", 0) for r in report.values())
         return loss
 
+    def _agree(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank."""
+        if self.job.world <= 1:
+            return ok
+        from .distributed import all_agree
+
+        return all_agree(ok, self.ctl.group)
+
+    def _check_finite(self, step: int, loss: torch.Tensor) -> None:
+        """A non-finite loss on any rank stops the run on every rank, before the optimizer step."""
+        if not self._agree(bool(torch.isfinite(loss.detach()))):
+            raise JobError(f"the loss at step {step} is {loss.item()} on rank {self.job.rank} (or NaN / Inf on "
+                           f"another rank); the run stops there (lower --lr, or check the data){self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        return f"; the newest checkpoint is of step {self.saved_step}" if self.saved_step else ""
+
+    def _stop(self, step: int) -> None:
+        """Ctrl-C: a checkpoint of this step (with --checkpoint-every), then stop."""
+        if self.job.opts.checkpoint_every and self.saved_step != step:
+            self._maybe_checkpoint(step, force=True)
+        raise Interrupted(step)
+
     def _open_log(self):
         job = self.job
         if not job.main_rank:
             return open(os.devnull, "w")
-        return open(job.out / "log.jsonl", "a" if job.resume else "w")
+        path = job.out / "log.jsonl"
+        if job.resume:
+            _cut_log(path, self.start - 1)
+        return open(path, "a" if job.resume else "w")
 
     def _log(self, log, step: int, loss: torch.Tensor) -> None:
         a = self.job.opts
         if step % a.log_every == 0 or step == a.steps:
             log.write(json.dumps({"step": step, "loss": round(loss.item(), 5),
                                   "seconds": round(time.time() - self.t0, 2),
-                                  "topology_changes": self.job.summary["topology_changes"]}) + "\n")
+                                  "topology_changes": self.job.summary["topology_changes"]}, allow_nan=False) + "\n")
             log.flush()
 
-    def _maybe_checkpoint(self, step: int) -> None:
+    def _maybe_checkpoint(self, step: int, force: bool = False) -> None:
+        """Rank 0 writes the checkpoint; every rank learns whether it could, and all stop if not."""
         from . import checkpoint
 
         job, a = self.job, self.job.opts
-        if a.checkpoint_every and (step % a.checkpoint_every == 0 or step == a.steps) and job.main_rank:
+        if not (a.checkpoint_every and (force or step % a.checkpoint_every == 0 or step == a.steps)):
+            return
+        error = None
+        if job.main_rank:
             job.summary["train_seconds"] = round(time.time() - self.t0, 2)
-            checkpoint.save(job.out, step, job.model, self.opt, self.ctl, job.data_rng,
-                            {"args": self.run_args, "summary": job.summary}, keep=a.keep_checkpoints)
+            try:
+                checkpoint.save(job.out, step, job.model, self.opt, self.ctl, job.data_rng,
+                                {"run_id": job.run_id, "args": self.run_args, "summary": job.summary},
+                                keep=a.keep_checkpoints)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                error = e
+        if not self._agree(error is None):
+            why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed to write it"
+            raise JobError(f"could not write the checkpoint of step {step} ({why}){self._resume_hint()}") from error
+        self.saved_step = step
+
+
+def _cut_log(path, step: int) -> None:
+    """Keep the lines of DIR/log.jsonl up to ``step`` (a resumed run writes the later ones again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class _DeferredInterrupt:
+    """In a single process, the first Ctrl-C lets the current step finish (the loop then stops
+    cleanly); a second one interrupts at once. Under torchrun Ctrl-C interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\nseft: interrupted; stopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
