@@ -208,11 +208,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         print(_interrupted(a, argv, getattr(e, "step", None)), file=sys.stderr, flush=True)
         return 130
-    except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError, OSError, JobError) as e:
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError, OSError, JobError, *_io_errors()) as e:
         print(f"seft: error{_rank_tag()}: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         _leave_process_group(ok)
+
+
+def _io_errors() -> tuple:
+    """safetensors' own error type (a full disk while writing one, say)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return ()
+    return (SafetensorError,)
 
 
 def _rank_tag() -> str:

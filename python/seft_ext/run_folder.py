@@ -112,16 +112,16 @@ def claim(folder: Path, run_id: str, command: str, overwrite: bool, option: str 
     folder = Path(folder)
     check_writable(folder, option)
     marker = read_marker(folder)
+    unknown = _unknown_dense_file(folder, marker)
+    if unknown is not None:
+        raise RunFolderError(f"{option} {folder}: {folder / unknown} was not written by seft, and seft writes "
+                             f"{folder / 'dense'} itself; move it away or give another {option}")
     previous = previous_files(folder, run_id)
     if previous and not overwrite:
         names = ", ".join(p.relative_to(folder).as_posix() for p in previous[:4])
         raise RunFolderError(f"{option} {folder} holds another run's results or checkpoints ({names}"
                              f"{' ...' if len(previous) > 4 else ''}); give another {option}, --resume "
                              f"{folder} to continue that run, or --overwrite to replace it")
-    unknown = _unknown_dense_file(folder, marker)
-    if unknown is not None:
-        raise RunFolderError(f"{option} {folder}: {folder / unknown} was not written by seft, and seft writes "
-                             f"{folder / 'dense'} itself; move it away or give another {option}")
     for path in previous:
         _remove(path)
     folder.mkdir(parents=True, exist_ok=True)
