@@ -100,3 +100,93 @@ def test_seft_linear_to_low_precision_keeps_an_fp32_delta(dtype):
         opt.zero_grad()
         report = ctl.step()
     assert report is not None and "grown" in report["0"]
+
+
+# ---------------------------------------------------------------------------------- load_sparse
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.Linear(8, 6, bias=False))
+
+
+def _sparse_file(tmp_path, model, rename=None):
+    """export_sparse of ``model``'s linears at 50 %, entries renamed by ``rename`` {old: new}."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from seft_ext.hf import export_sparse
+
+    m = _mlp()
+    m.load_state_dict(model.state_dict())
+    for i in (0, 2):
+        m[i] = SparseLinear.from_dense(m[i], magnitude_mask(m[i].weight.detach(), 0.5))
+    path = tmp_path / "sparse.safetensors"
+    export_sparse(m, path)
+    if rename:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+        tensors = load_file(str(path))
+        tensors = {k.replace(f"{old}.", f"{new}.", 1) if k.startswith(f"{old}.") else k: v
+                   for k, v in tensors.items() for old, new in rename.items()}
+        shapes = {rename.get(k, k): v for k, v in shapes.items()}
+        save_file(tensors, str(path), metadata={"seft_ext": "sparse-v1", "shapes": json.dumps(shapes)})
+    return path, m
+
+
+def _same(model, before):
+    return [type(m) for m in model] == before[0] and all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), before[1].values()))
+
+
+def test_load_sparse_swaps_checked_layers(tmp_path):
+    from seft_ext.hf import load_sparse
+
+    model = _mlp()
+    path, sparse = _sparse_file(tmp_path, model)
+    assert load_sparse(model, path) == ["0", "2"]
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(model(x), sparse(x))
+
+
+def _narrower_last_layer(model):
+    model[2] = nn.Linear(8, 5, bias=False)
+
+
+@pytest.mark.parametrize("rename, alter, match", [
+    ({"2": "1"}, None, "module is a LayerNorm, not a linear layer"),  # a norm named as the target
+    ({"2": "9"}, None, "no module of that name"),
+    (None, _narrower_last_layer, r"shape \(6, 8\) differs from the model's \(5, 8\)"),
+])
+def test_load_sparse_changes_nothing_when_an_entry_does_not_fit(tmp_path, rename, alter, match):
+    from seft_ext.hf import load_sparse
+
+    model = _mlp()
+    path, _ = _sparse_file(tmp_path, model, rename)
+    if alter:
+        alter(model)
+    before = ([type(m) for m in model], {k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.raises(ValueError, match=match):
+        load_sparse(model, path)
+    assert _same(model, before)  # no layer swapped, not even the entries that fit
+
+
+def test_load_sparse_refuses_a_bias_mismatch_and_a_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from seft_ext.hf import load_sparse
+
+    model = _mlp()
+    path, _ = _sparse_file(tmp_path, model)
+    other = _mlp()
+    other[2] = nn.Linear(8, 6, bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        load_sparse(other, path)
+    assert isinstance(other[0], nn.Linear)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a seft_ext sparse export"):
+        load_sparse(model, tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable seft_ext sparse export"):
+        load_sparse(model, tmp_path / "junk.safetensors")
