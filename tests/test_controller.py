@@ -213,3 +213,45 @@ def test_controller_rejects_bad_setup():
     bad["config"]["update_interval"] = 3
     with pytest.raises(ValueError, match="config differs"):
         c.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_every_moment_follows_its_position(amsgrad):
+    """exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq of a kept position are exactly what they
+    were before the remap; a grown position starts from the seeded moments, max = exp_avg_sq."""
+    model = tiny_model()
+    cfg = SEFTConfig(update_interval=5, grow_accumulation=3)
+    opt = torch.optim.AdamW([model[0].delta, model[2].delta], lr=1e-2, betas=(0.8, 0.95), amsgrad=amsgrad)
+    ctl = SEFTController(model, opt, cfg, total_steps=40)
+    train(model, ctl, opt, 4)
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+    g = torch.Generator().manual_seed(7)
+    model(torch.randn(6, 12, generator=g, dtype=torch.float64)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    before, windows = {}, {}
+    for layer in (model[0], model[2]):
+        st = opt.state[layer.delta]
+        assert set(keys) <= set(st)
+        before[layer] = {p: {k: st[k][s].item() for k in keys} for s, p in enumerate(layer.slot_positions().tolist())}
+        w = layer.window
+        windows[layer] = (w.tracked.tolist(), (w.gsum / (w.steps + 1)).tolist(), (w.g2sum / (w.steps + 1)).tolist())
+    report = ctl.step()
+    assert report is not None
+    grown_total = 0
+    for layer in (model[0], model[2]):
+        st, t = opt.state[layer.delta], float(opt.state[layer.delta]["step"])
+        tracked, mean_g, mean_g2 = windows[layer]
+        for s, p in enumerate(layer.slot_positions().tolist()):
+            now = {k: st[k][s].item() for k in keys}
+            if p in before[layer]:
+                assert now == before[layer][p], f"moments of kept position {p} moved"
+                continue
+            grown_total += 1
+            i = tracked.index(p)
+            assert now["exp_avg"] == pytest.approx(mean_g[i] * (1 - 0.8 ** t), rel=1e-12)
+            assert now["exp_avg_sq"] == pytest.approx(mean_g2[i] * (1 - 0.95 ** t), rel=1e-12)
+            if amsgrad:
+                assert now["max_exp_avg_sq"] == now["exp_avg_sq"]
+    assert grown_total > 0
+    train(model, ctl, opt, 10, seed=1)  # the optimizer keeps working on the remapped state

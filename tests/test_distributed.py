@@ -39,6 +39,7 @@ def train(rank, world, group_kw):
     opt = torch.optim.AdamW([m.delta for m in seft_layers], lr=2e-2)
     cfg = SEFTConfig(update_interval=3, grow_accumulation=2, scan_sketch=0)
     ctl = SEFTController(model, opt, cfg, STEPS, **group_kw)
+    first_window = record_first_window(ctl)
     losses, evolutions = [], 0
     for x, y in batches():
         xs, ys = x[rank::world], y[rank::world]
@@ -53,8 +54,23 @@ def train(rank, world, group_kw):
             dist.all_reduce(loss)
             loss = loss / world
         losses.append(loss.item())
-    return {"losses": losses, "hash": topology_hash(seft_layers), "evolutions": evolutions,
+    return {"losses": losses, "hash": topology_hash(seft_layers), "evolutions": evolutions, "window": first_window,
             "history": [(t, {n: r.get("grown", 0) for n, r in rep.items()}) for t, rep in ctl.history]}
+
+
+def record_first_window(ctl):
+    """{layer: {tracked position: summed g}} as the first evolution decides on it (after the
+    ranks' all-reduce, when there is one)."""
+    seen, evolve_all = {}, ctl._evolve_all
+
+    def recording(t):
+        if not seen:
+            for name, layer in ctl.layers.items():
+                w = layer.window
+                seen[name] = dict(zip(map(str, w.tracked.tolist()), w.gsum.tolist()))
+        return evolve_all(t)
+    ctl._evolve_all = recording
+    return seen
 
 
 def worker(rank, world, init_file, out_dir):
@@ -82,6 +98,17 @@ def test_two_ranks_keep_one_topology(tmp_path):
     # candidates, one process those of the global batch. The losses stay close.
     for a, b in zip(r0["losses"][:3], single["losses"][:3]):
         assert abs(a - b) <= 1e-9 * abs(b)
+    # The window sums the decision and the optimizer seeding use: over the 2 ranks they are the
+    # sums of the whole global batch's gradients, as one process gathers them (at the positions
+    # both track; the ranks track the union of their own candidates).
+    common = 0
+    for name, sums in single["window"].items():
+        for pos, g in sums.items():
+            if pos in r0["window"][name]:
+                common += 1
+                assert abs(r0["window"][name][pos] - g) <= 1e-9 * abs(g) + 1e-15, (name, pos)
+    assert common > 0
+    assert r0["window"] == r1["window"]
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     print("2 ranks:", r0["losses"], "\n1 process:", single["losses"])
     assert abs(mean(r0["losses"]) - mean(single["losses"])) <= 0.05 * mean(single["losses"])
