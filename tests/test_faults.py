@@ -308,10 +308,18 @@ def test_a_failing_rank_ends_the_torchrun_job(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "seft_ext.cli"] + run_args(d, data, out, every=2, steps=4)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, preexec_fn=_limit_file_size(16 << 10),
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_limit_file_size(16 << 10), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (each in a session of its own) on SIGTERM
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the torchrun job hung after a rank failed")
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert f"seft: error (rank {rank}): could not write the checkpoint of step 2" in proc.stderr, \
-            proc.stderr[-3000:]
-    assert "File too large" in proc.stderr
+        assert f"seft: error (rank {rank}): could not write the checkpoint of step 2" in stderr, stderr[-3000:]
+    assert "File too large" in stderr
