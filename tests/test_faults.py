@@ -92,6 +92,17 @@ def test_files_seft_did_not_write_are_never_deleted(tiny_model_dir, tmp_path, ca
     assert (target / "keep.bin").read_bytes() == b"x" and (out2 / "dense").is_symlink()
 
 
+def test_overwrite_deletes_nothing_when_the_run_is_refused(tiny_model_dir, tmp_path, capsys):
+    d, data = tiny_model_dir
+    out, bare = tmp_path / "out", tmp_path / "bare"
+    assert main(run_args(d, data, out, steps=2)) == 0
+    before = listing(out)
+    transformers.AutoModelForCausalLM.from_pretrained(d).save_pretrained(bare)  # no tokenizer
+    assert main(run_args(bare, data, out, "--overwrite", steps=2)) == 2
+    assert "no tokenizer" in last_error(capsys)
+    assert listing(out) == before
+
+
 def test_outputs_move_in_together_or_not_at_all(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A failure while the outputs are written aside leaves the folder's earlier outputs whole."""
     d, data = tiny_model_dir

