@@ -64,7 +64,7 @@ class Job:
     heldout: str = ""
     config: Optional[SEFTConfig] = None
     summary: dict = field(default_factory=dict)
-    resume: Optional[tuple] = None  # (checkpoint info, tensor file) when resuming
+    resume: Optional[tuple] = None  # resuming: (info, tensor file), then (info, tensors, tensor file)
     run_id: str = ""  # the run's identity (run_folder.py), kept in its checkpoints and DIR/run.json
     fingerprint: dict = field(default_factory=dict)  # sha256 of the model weights and data files
     masks: Optional[dict] = None

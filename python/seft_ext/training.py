@@ -182,7 +182,6 @@ class _DeferredInterrupt:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self.previous)
-        print("\nseft: interrupted; stopping after this step (Ctrl-C again to stop at once)", flush=True)
 
     def __exit__(self, *exc):
         if self.enabled:
