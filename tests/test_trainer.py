@@ -256,3 +256,21 @@ def test_torchrun_trainer_keeps_one_topology(base_dir, tmp_path):
     results = [(tmp_path / f"rank{i}.txt").read_text().split() for i in range(2)]
     assert results[0][0] == results[1][0]  # same topology on both ranks
     assert results[0][1] == "2" and int(results[0][2]) > 0  # the controller used the process group; it evolved
+
+
+# ---------------------------------------------------------------------- PEFT export
+def test_peft_export_reloads_in_peft(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from seft_ext.peft_export import export_peft
+
+    model = converted(base_dir)
+    trainer(model, tmp_path / "out", SEFTCallback(SC), max_steps=8).train()
+    ref = logits(model)
+    base_dir_out, adapter = export_peft(model, None, tmp_path / "peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir_out)
+    for name, layer in seft_layers(model).items():  # the base holds the final theta, the delta is not in it
+        w = base.get_submodule(name).weight
+        assert int((w != 0).sum()) == int((layer.theta != 0).sum())
+    loaded = peft.PeftModel.from_pretrained(base, adapter)
+    torch.testing.assert_close(logits(loaded), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(transformers.AutoModelForCausalLM.from_pretrained(base_dir_out)), ref)

@@ -8,6 +8,7 @@ e.g. ``run_job(options("run", model="path/to/hf_folder", steps=20, out="out"))``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,9 +22,12 @@ from .config import SEFTConfig
 
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The options a resumed run must share with the run it continues.
-RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size",
-               "lr", "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
+# SEFTConfig fields the driver sets from --pattern rather than from options of their own.
+PATTERN_FIELDS = ("nm_n", "nm_m")
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(SEFTConfig) if f.name not in PATTERN_FIELDS)
+# The options a resumed run must share with the run it continues: every SEFTConfig option and these.
+RESUME_KEYS = ("model", "data", "pattern", "prune", "steps", "seq_len", "batch_size", "lr", "calib_windows",
+               "dtype") + CONFIG_KEYS
 
 
 @dataclass
@@ -94,6 +98,7 @@ def prepare(a) -> Job:
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
     torch.manual_seed(a.seed)
     job = Job(a, rank, world, device, Path(a.out), say, progress, torch.Generator().manual_seed(a.seed))
+    job.config = seft_config(a)  # refuses bad SEFT options before any work
     if a.resume:
         job.resume = _checked_resume(a, world)
     job.out.mkdir(parents=True, exist_ok=True)
@@ -103,18 +108,18 @@ def prepare(a) -> Job:
         raise SystemExit(f"seft: --model {a.model} has no tokenizer")
     train_text, job.heldout = load_text(a.data)
     job.train_windows = token_windows(job.tok, train_text, a.seq_len)
-    job.config = seft_config(a)
     if job.resume is not None:
         _restore_model(job)
     return job
 
 
 def seft_config(a) -> SEFTConfig:
-    """The SEFTConfig the driver's options describe."""
+    """The SEFTConfig the driver's options describe (the driver's methods none and
+    masked-dense are fixed and seft to the layers)."""
     _, nm = PATTERNS[a.pattern]
-    return SEFTConfig(sparsity=a.sparsity, budget=a.budget, nm_n=nm[0], nm_m=nm[1],
-                      method={"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method),
-                      update_interval=a.update_interval, lora_rank=a.lora_rank, seed=a.seed)
+    fields = {k: getattr(a, k) for k in CONFIG_KEYS}
+    fields["method"] = {"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method)
+    return SEFTConfig(**fields, nm_n=nm[0], nm_m=nm[1])
 
 
 def run_args(a, world: int) -> dict:
