@@ -198,8 +198,9 @@ def test_bf16_autocast_trains(base_dir, tmp_path):
         assert torch.isfinite(m.delta).all() and m.delta.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dense_compute", [False, True])
-def test_autocast_matches_nn_linear_under_autocast(dense_compute):
+def test_autocast_matches_nn_linear_under_autocast(dense_compute, dtype):
     torch.manual_seed(0)
     lin = nn.Linear(24, 16)
     layer = SEFTLinear.from_linear(lin, SEFTConfig(sparsity=0.5, k=40))
@@ -211,10 +212,10 @@ def test_autocast_matches_nn_linear_under_autocast(dense_compute):
         ref.weight.copy_(layer.to_dense())
         ref.bias.copy_(lin.bias)
     x = torch.randn(5, 24)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
         yr = ref(x)
-    assert y.dtype == yr.dtype == torch.bfloat16
+    assert y.dtype == yr.dtype == dtype
     torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert layer.delta.grad.dtype == torch.float32 and torch.isfinite(layer.delta.grad).all()
