@@ -7,7 +7,7 @@ from seft_ext import CSRWeight
 
 def random_weight(out, inn, density, dtype=torch.float32, index=None, special_rows=True, device="cpu"):
     """A CSR weight with random values, built on `device`. With special_rows: row 0 empty,
-    row 1 full (>= 3 rows), and the last row empty too (>= 4 rows)."""
+    row 1 full (>= 3 rows), the last row empty (>= 4 rows) and a middle one (>= 5 rows)."""
     dense = torch.randn(out, inn, dtype=torch.float64, device=device)
     mask = torch.rand(out, inn, device=device) < density
     if special_rows and out >= 3:
@@ -15,6 +15,8 @@ def random_weight(out, inn, density, dtype=torch.float32, index=None, special_ro
         mask[1] = True
     if special_rows and out >= 4:
         mask[-1] = False
+    if special_rows and out >= 5:
+        mask[out // 2] = False
     w = CSRWeight.from_dense(dense, mask, dtype=dtype)
     if index is not None and index != w.col.dtype:
         w = CSRWeight(w.crow, w.col.to(index), w.values, w.shape)
