@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
-# One unattended GPU check of seft_ext on the device machine (one NVIDIA H200; Python 3.12,
-# torch 2.11.0+cu130, nvcc 13.0, compute-sanitizer; no internet). Builds the CUDA kernels, runs the
-# CUDA tests, compute-sanitizer memcheck + racecheck on a tiny case and the GPU benchmark.
+# The GPU check of seft_ext, unattended and within a fixed time budget: builds the CUDA kernels,
+# runs the op tests with CUDA, compute-sanitizer memcheck + racecheck on a tiny case, and the GPU
+# benchmark. Written for one NVIDIA H200 (Python 3.12, torch 2.11.0+cu130, nvcc 13.0,
+# compute-sanitizer, pytest, hypothesis; no internet); any CUDA machine with those will do.
 #
-# How to call it through the device tool (one shell command in a copy of this repo, nothing to carry):
-#     run(command="bash bench/gpu_check.sh", timeout_s=480)
-# It ends by itself within GPU_CHECK_BUDGET_S (default 430 s) plus ~15 s; the 50 s beyond that
-# are slack for the tool. Read the summary at the end of output_tail; the files come back from $OUT
-# (7 files, all at its top level, well under the tool's 8-file limit):
+#     bash bench/gpu_check.sh
+#
+# It ends by itself within GPU_CHECK_BUDGET_S (default 430 s) plus ~15 s. Results, in $OUT:
 #     summary.md      stage / status / seconds / detail (also printed last on stdout)
-#     build.log  diag.log  tests.log (tests + compare)  sanitizer.log (memcheck + racecheck)  bench.log
+#     build.log  diag.log  tests.log  sanitizer.log (memcheck + racecheck)  bench.log
 #     bench_gpu.md    the benchmark tables (rewritten after every case, so partial if cut short)
 #
-# Stages, in order; expected times on an H200 in brackets (estimates: nothing here has run on one yet):
+# Stages, in order; expected times on an H200 in brackets (estimates):
 #     build      SEFT_WITH_CUDA=ON SEFT_CUDA_ARCHS=9.0 pip install --no-build-isolation --no-deps -v .
 #                (timed; then checks the installed build has the CUDA kernels)              [~1.5-3 min; 3.5 min on 2 cores]
 #     diag       nvidia-smi, python -m seft_ext, compute-sanitizer --version                 [~5-10 s]
-#     tests      python -m pytest -q tests/test_cuda_ops.py tests/test_cuda_evolve.py (every kernel
-#                path against the CPU and fp64, no-sync, cache invalidation); fails if the CUDA
-#                tests would skip. Without pytest: a built-in script comparing CUDA op vs CPU op vs
-#                fp64 dense (fp32/bf16/fp64/fp16, int16/int32 columns) instead              [~1-3 min]
-#     compare    that script's large cases: > 65535 blocks (the kernels' grid-stride loops),
-#                in > 32768 (int32 columns), bitwise-repeatable csr_spmm_t                    [~10-20 s]
+#     tests      SEFT_TEST_DEVICES=cuda python -m pytest tests/test_ops.py tests/test_tile_ptr.py
+#                tests/test_cuda_evolve.py: the same op tests as on the CPU, their CUDA cases (every
+#                kernel path against dense fp64 math, tile edges, > 65535 blocks, int32 columns,
+#                bitwise repeatability, no sync after a checked pattern, in-place pattern changes,
+#                opcheck, gradcheck, torch.compile) and the evolution ops on CUDA. SEFT_TEST_DEVICES
+#                makes CUDA that cannot be tested an error, not a skip; the CPU cases run in CI.
+#                4 pytest workers when pytest-xdist is installed      [~1-1.5 min; ~2-2.5 min without xdist]
 #     memcheck   compute-sanitizer --tool memcheck  on every op and path, 160x136 weight,
 #                8 and 130 tokens                                                         [~20-60 s]
 #     racecheck  compute-sanitizer --tool racecheck on the same                             [~20-60 s]
@@ -48,7 +48,7 @@ REPO=$(pwd)
 OUT="${OUT:-/tmp/seft_gpu_check_out}"
 mkdir -p "$OUT" || exit 2
 BUDGET_S="${GPU_CHECK_BUDGET_S:-430}"
-STAGES_WANTED=" ${GPU_CHECK_STAGES:-build diag tests compare memcheck racecheck bench} "
+STAGES_WANTED=" ${GPU_CHECK_STAGES:-build diag tests memcheck racecheck bench} "
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET_S))
 WORK=$(mktemp -d /tmp/seft_gpu_check.XXXXXX) || exit 2
@@ -83,106 +83,6 @@ fi
 export PY CS
 
 # ------------------------------------------------------------------ helper python scripts
-# compare.py: CUDA op vs CPU op vs fp64 dense math on random inputs (the fallback when pytest is
-# missing: --small --large; the compare stage: --large). Without CUDA it checks the CPU ops only.
-cat >"$WORK/compare.py" <<'PYEOF'
-import argparse, sys, time
-import torch
-import seft_ext
-from seft_ext import _lib
-
-p = argparse.ArgumentParser()
-p.add_argument("--small", action="store_true")
-p.add_argument("--large", action="store_true")
-a = p.parse_args()
-if _lib.load_error is not None:
-    sys.exit(f"FAIL: seft_ext library not loaded: {_lib.load_error}")
-ops = torch.ops.seft
-CUDA = torch.cuda.is_available() and bool(_lib.build_info and _lib.build_info.WITH_CUDA)
-if not CUDA:
-    print("WARNING: no CUDA device or seft_ext built without CUDA: checking the CPU ops against fp64 only")
-DEV = "cuda" if CUDA else "cpu"
-# relative Frobenius error limits against fp64 math on the same (rounded) inputs
-TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-fails = 0
-
-
-def check(name, got, want, tol):
-    global fails
-    got, want = got.double().cpu(), want.double().cpu()
-    ok_shape = got.shape == want.shape
-    err = float((got - want).norm() / want.norm().clamp_min(1e-300)) if ok_shape else float("inf")
-    ok = ok_shape and bool(torch.isfinite(got).all()) and err <= tol
-    fails += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e} (limit {tol:.0e})" + ("" if ok_shape else f" shape {tuple(got.shape)} vs {tuple(want.shape)}"))
-
-
-def three_ops(x, dy, crow, col, vals, bias, inn):
-    """csr_spmm, csr_spmm_t and csr_sddmm (all non-zeros) on one device's tensors."""
-    return (ops.csr_spmm(x, crow, col, vals, bias), ops.csr_spmm_t(dy, crow, col, vals, inn),
-            ops.csr_sddmm(dy, x, crow, col, None))
-
-
-def case(out, inn, T, density, dtype, idx, seed):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(out, inn, generator=g) < density
-    mask[0] = False                      # an empty row
-    mask[out // 2, : min(inn, 40)] = True  # a dense-ish row
-    crow = torch.zeros(out + 1, dtype=torch.int32)
-    crow[1:] = mask.sum(1).cumsum(0).to(torch.int32)
-    col = mask.nonzero()[:, 1].to(idx)
-    nnz = col.numel()
-    vals = torch.randn(nnz, generator=g).to(dtype)
-    x = torch.randn(T, inn, generator=g).to(dtype)
-    dy = torch.randn(T, out, generator=g).to(dtype)
-    bias = torch.randn(out, generator=g).to(dtype)
-    slots = torch.nonzero(torch.rand(nnz, generator=g) < 0.3).flatten()
-    tag = f"{out}x{inn} T={T} d={density} {str(dtype)[6:]} {str(idx)[6:]}"
-    t0 = time.perf_counter()
-    # fp64 dense references, computed on DEV (fast on the GPU)
-    W = torch.zeros(out, inn, dtype=torch.float64, device=DEV)
-    W[mask.to(DEV)] = vals.double().to(DEV)
-    xd, dyd = x.double().to(DEV), dy.double().to(DEV)
-    ref_y = xd @ W.T + bias.double().to(DEV)
-    ref_dx = dyd @ W
-    ref_dv = (dyd.T @ xd)[mask.to(DEV)]
-    del W
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    dev = [t.to(DEV) for t in (x, dy, crow, col, vals, bias, slots)]
-    X, DY, C, COL, V, B, S = dev
-    y, dx, dv = three_ops(X, DY, C, COL, V, B, inn)
-    dvs = ops.csr_sddmm(DY, X, C, COL, S)
-    check(f"{tag} csr_spmm   {DEV} vs fp64", y, ref_y, TOL[dtype])
-    check(f"{tag} csr_spmm_t {DEV} vs fp64", dx, ref_dx, TOL[dtype])
-    check(f"{tag} csr_sddmm  {DEV} vs fp64", dv, ref_dv, TOL[acc])
-    check(f"{tag} csr_sddmm slots {DEV} vs fp64", dvs, ref_dv[S], TOL[acc])
-    if CUDA:
-        global fails
-        y_c, dx_c, dv_c = three_ops(x, dy, crow, col, vals, bias, inn)
-        check(f"{tag} csr_spmm   cuda vs cpu", y, y_c, TOL[dtype])
-        check(f"{tag} csr_spmm_t cuda vs cpu", dx, dx_c, TOL[dtype])
-        check(f"{tag} csr_sddmm  cuda vs cpu", dv, dv_c, TOL[acc])
-        same = torch.equal(dx, ops.csr_spmm_t(DY, C, COL, V, inn))
-        fails += not same
-        print(f"{'ok  ' if same else 'FAIL'} {tag} csr_spmm_t bitwise identical on a second call")
-    print(f"     ({time.perf_counter() - t0:.1f} s, nnz {nnz})", flush=True)
-
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
-if a.small:
-    for dtype in DTYPES:
-        for idx in (torch.int16, torch.int32):
-            for (out, inn, T, d) in ((37, 53, 5, 0.2), (64, 96, 8, 0.5), (300, 1000, 33, 0.1)):
-                case(out, inn, T, d, dtype, idx, seed=out + inn + T)
-if a.large:
-    # T * out > 65535 blocks * 8 warps: the grid-stride loops of csr_spmm / csr_spmm_t / csr_sddmm
-    case(4096, 4096, 160, 0.3, torch.bfloat16, torch.int16, seed=1)
-    case(4096, 4096, 160, 0.3, torch.float32, torch.int16, seed=2)
-    case(2048, 33000, 300, 0.01, torch.float32, torch.int32, seed=3)  # in > 32768: int32 columns
-print(f"compare: {'FAILED ' + str(fails) + ' check(s)' if fails else 'all checks passed'} on {DEV}")
-sys.exit(1 if fails else 0)
-PYEOF
-
 # sanitize_case.py: every op once on tiny inputs (incl. empty rows, slots, an empty weight and
 # rejected invalid structures), results checked against the CPU ops. Run under compute-sanitizer.
 cat >"$WORK/sanitize_case.py" <<'PYEOF'
@@ -303,30 +203,26 @@ stage_diag() {
 }
 
 stage_tests() {
-  local rc=0 line
+  local rc=0 line workers=()
   (cd / && "$PY" -c "
 import sys, torch, seft_ext
 from seft_ext import _lib
 ok = torch.cuda.is_available() and _lib.load_error is None and bool(_lib.build_info and _lib.build_info.WITH_CUDA)
 print('CUDA tests can run:', ok, '| cuda available', torch.cuda.is_available(), '| load error', _lib.load_error)
-sys.exit(0 if ok else 1)") || { echo "ERROR: the CUDA tests would be skipped"; rc=1; }
-  if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    # the CUDA tests only: the CPU-only suites (test_ops.py, ...) run in CI
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_evolve.py || rc=1
-    line=$(mylog | grep -E '[0-9]+ (passed|failed|error)' | tail -1)
-    detail "pytest: ${line:-no summary line}"
-  else
-    echo "pytest is NOT installed on this machine: running the built-in comparison script instead"
-    "$PY" "$WORK/compare.py" --small --large || rc=1
-    detail "no pytest; fallback: $(mylog | grep '^compare:' | tail -1)"
+sys.exit(0 if ok else 1)") || { echo "ERROR: the CUDA tests cannot run"; rc=1; }
+  if ! "$PY" -c "import pytest, hypothesis" >/dev/null 2>&1; then
+    echo "ERROR: pytest and hypothesis are needed by the tests"
+    detail "pytest or hypothesis not installed"
+    return 1
   fi
-  return "$rc"
-}
-
-stage_compare() {
-  local rc=0
-  "$PY" "$WORK/compare.py" --large || rc=1
-  detail "$(mylog | grep '^compare:' | tail -1)"
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then workers=(-n 4); fi
+  echo "pytest workers: ${workers[*]:-none (no pytest-xdist)}"
+  # The op tests' CUDA cases only (SEFT_TEST_DEVICES=cuda: an error if CUDA cannot be tested);
+  # their CPU cases run in CI.
+  SEFT_TEST_DEVICES=cuda "$PY" -m pytest -q -p no:cacheprovider --durations=15 ${workers[@]+"${workers[@]}"} \
+    tests/test_ops.py tests/test_tile_ptr.py tests/test_cuda_evolve.py || rc=1
+  line=$(mylog | grep -E '[0-9]+ (passed|failed|error)' | tail -1)
+  detail "pytest: ${line:-no summary line}"
   return "$rc"
 }
 
@@ -358,7 +254,7 @@ stage_bench() {
   detail "exit $rc; $(grep -c '^| [0-9]' "$OUT/bench_gpu.md" 2>/dev/null || echo 0) table rows; $(grep -c '| skip' "$OUT/bench_gpu.md" 2>/dev/null || echo 0) with skips"
   return "$rc"
 }
-export -f detail mylog sanitize stage_build stage_diag stage_tests stage_compare stage_memcheck stage_racecheck stage_bench
+export -f detail mylog sanitize stage_build stage_diag stage_tests stage_memcheck stage_racecheck stage_bench
 
 # ------------------------------------------------------------------ runner
 NAMES=()
@@ -424,7 +320,6 @@ echo "[gpu_check] repo $REPO, OUT $OUT, python $PY, deadline in ${BUDGET_S} s"
 run_stage build      build.log      300  60   0
 run_stage diag       diag.log       60   5    0
 run_stage tests      tests.log      200  30   100
-run_stage compare    tests.log      60   15   140
 run_stage memcheck   sanitizer.log  100  30   140
 run_stage racecheck  sanitizer.log  100  30   140
 run_stage bench      bench.log      210  60   0

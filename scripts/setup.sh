@@ -11,7 +11,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.25" pytest hypothesis numpy "transformers>=4.50" accelerate
+python -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.25" pytest hypothesis numpy "transformers>=4.50" accelerate \
+  safetensors "peft>=0.17" ruff
 # Build against the torch installed above (no isolated build env: it would fetch another torch).
 python -m pip install -q --no-build-isolation --no-deps --force-reinstall .
 python -m seft_ext

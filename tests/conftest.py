@@ -1,19 +1,65 @@
 import pytest
 import torch
 
-import seft_ext
 from seft_ext import ops
+from cuda_env import CPU_ISAS, CUDA_PATHS, CUDA_SKIP_REASON, DEVICES, KERNELS, SELECTION_ERROR
 
-ISAS = ["base"] + (["avx2"] if "avx2" in seft_ext.build_info.CPU_ISAS.split(",") else [])
+
+def pytest_configure(config):
+    if SELECTION_ERROR:
+        raise pytest.UsageError(SELECTION_ERROR)
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run a test with each CPU kernel set built into the library."""
+def _use(device, name):
+    """Switch to one kernel set (ops.cpu_isa / ops.cuda_path); skip where this CPU lacks it."""
     try:
-        ops.cpu_isa(request.param)
+        (ops.cpu_isa if device == "cpu" else ops.cuda_path)(name)
     except RuntimeError as e:  # built, but this CPU lacks the instructions
         pytest.skip(str(e))
+
+
+def _kernel(request):
+    device, name = request.param
+    dtype = request.node.callspec.params.get("dtype")
+    if name == "tensor_core" and dtype in (torch.float32, torch.float64):
+        pytest.skip("no tensor-core path for this dtype (the cuda_core case covers it)")
+    _use(device, name)
+    try:
+        yield device
+    finally:
+        ops.cpu_isa("auto")
+        ops.cuda_path("auto")
+
+
+@pytest.fixture(params=KERNELS, ids=[f"{d}-{k}" for d, k in KERNELS])
+def kernel(request):
+    """Run a test with every kernel set of every device present; the value is the device.
+    A test whose `dtype` parameter is float32 / float64 skips the forced tensor-core path
+    (it exists for bfloat16 / float16 only)."""
+    yield from _kernel(request)
+
+
+_CUDA_KERNELS = ([pytest.param(("cuda", k), id=f"cuda-{k}") for k in CUDA_PATHS] if "cuda" in DEVICES
+                 else [pytest.param(None, id="cuda", marks=pytest.mark.skip(reason=CUDA_SKIP_REASON))])
+
+
+@pytest.fixture(params=_CUDA_KERNELS)
+def cuda_kernel(request):
+    """Every CUDA kernel path, for cases that only CUDA needs (launch-grid limits); skipped
+    without CUDA. The value is the device, "cuda"."""
+    yield from _kernel(request)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Run a test on every device present, with the default kernels."""
+    return request.param
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    """Run a test with each CPU kernel set built into the library."""
+    _use("cpu", request.param)
     yield request.param
     ops.cpu_isa("auto")
 

@@ -1,5 +1,5 @@
 """bench/bench_gpu.py --smoke: the GPU benchmark script runs end to end on tiny CPU shapes
-(so it cannot rot between GPU sessions) and its SEFT rows really run an evolution step."""
+(so it keeps working where no GPU is present) and its SEFT rows really run an evolution step."""
 import pathlib
 import subprocess
 import sys

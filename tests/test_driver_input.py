@@ -64,6 +64,9 @@ BAD_OPTIONS = [
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
     (["--seq-len", "4"], "--seq-len"),
     (["--resume", "/nonexistent/run"], "--resume"),
+    (["--drop-fraction", "1.5"], "--drop-fraction must be in [0, 1]"),
+    (["--evolve-until", "nan"], "--evolve-until must be finite"),
+    (["--k", "0"], "--k must be a positive int"),
 ]
 
 

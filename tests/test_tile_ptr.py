@@ -1,5 +1,6 @@
-"""csr_tile_ptr (the column-tile index the CUDA csr_spmm_t / csr_sddmm walk W by) against a
-plain Python reference; the slots check remembered per tensor version; the cuda_path switch."""
+"""csr_tile_ptr (the column-tile index the CUDA csr_spmm_t / csr_sddmm walk W by) on every
+device present against a plain Python reference; the pattern and slots checks remembered per
+tensor version; _csr_adopt_pattern's checks; the cuda_path switch."""
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from seft_ext import ops
-from reference import random_weight
+from reference import assert_matches, random_weight
 
 
 def tile_ptr_ref(crow, col, inn, tile):
@@ -23,15 +24,18 @@ def tile_ptr_ref(crow, col, inn, tile):
     return tp
 
 
-@pytest.mark.parametrize("index", [torch.int16, torch.int32])
+# tile 128 is the index the CUDA ops cache (csr_tile_ptr returns a copy of it); other tiles are built anew
+@pytest.mark.parametrize("index", [torch.int16, torch.int32], ids=["int16", "int32"])
 @pytest.mark.parametrize("shape, tile", [((7, 5), 128), ((33, 130), 128), ((20, 300), 64), ((9, 256), 128),
-                                         ((5, 17), 1), ((4, 0), 128), ((0, 40), 128)])
+                                         ((5, 17), 1), ((4, 0), 128), ((0, 40), 128), ((77, 700), 1000)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"tile{v}")
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_tile_ptr_matches_reference(index, shape, tile, density):
+def test_tile_ptr_matches_reference(device, index, shape, tile, density):
     out, inn = shape
     w = random_weight(out, inn, density, torch.float32, index=index)
-    tp = ops.csr_tile_ptr(w.crow, w.col, inn, tile)
-    assert tp.dtype == torch.int32 and tp.shape == (out, (inn + tile - 1) // tile + 1)
+    tp = ops.csr_tile_ptr(w.crow.to(device), w.col.to(device), inn, tile)
+    assert tp.device.type == device and tp.dtype == torch.int32 and tp.shape == (out, (inn + tile - 1) // tile + 1)
+    tp = tp.cpu()
     torch.testing.assert_close(tp, tile_ptr_ref(w.crow, w.col, inn, tile), rtol=0, atol=0)
     # each segment holds exactly its tile's columns: the segments partition the row
     for o in range(out):
@@ -41,28 +45,32 @@ def test_tile_ptr_matches_reference(index, shape, tile, density):
             assert bool(((seg >= j * tile) & (seg < (j + 1) * tile)).all())
 
 
-def test_tile_ptr_rejects_bad_input():
-    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+def test_tile_ptr_rejects_bad_input(device):
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    crow = i32([0, 2, 3])
     with pytest.raises(RuntimeError, match="sorted and unique"):
-        ops.csr_tile_ptr(crow, torch.tensor([1, 0, 2], dtype=torch.int32), 10)
+        ops.csr_tile_ptr(crow, i32([1, 0, 2]), 10)
     with pytest.raises(RuntimeError, match="out of range"):
-        ops.csr_tile_ptr(crow, torch.tensor([0, 1, 10], dtype=torch.int32), 10)
+        ops.csr_tile_ptr(crow, i32([0, 1, 10]), 10)
     with pytest.raises(RuntimeError, match="tile must be"):
-        ops.csr_tile_ptr(crow, torch.tensor([0, 1, 2], dtype=torch.int32), 10, 0)
+        ops.csr_tile_ptr(crow, i32([0, 1, 2]), 10, 0)
     with pytest.raises(RuntimeError, match="must equal nnz"):
-        ops.csr_tile_ptr(torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32), 10)
+        ops.csr_tile_ptr(i32([0, 2, 2]), i32([0, 1, 2]), 10)
 
 
-def test_tile_ptr_opcheck():
-    w = random_weight(12, 300, 0.2, torch.float32)
-    torch.library.opcheck(torch.ops.seft.csr_tile_ptr.default, (w.crow, w.col, 300, 128))
+@pytest.mark.parametrize("tile", [128, 64])
+def test_tile_ptr_opcheck(device, tile):
+    w = random_weight(12, 300, 0.2, torch.float32, device=device)
+    torch.library.opcheck(torch.ops.seft.csr_tile_ptr.default, (w.crow, w.col, 300, tile))
 
 
-def test_slots_check_is_redone_after_an_in_place_change():
+def test_slots_check_is_redone_after_an_in_place_change(device):
     """The slots check is remembered per tensor version: changing slots in place re-checks."""
-    w = random_weight(10, 20, 0.5, torch.float32)
-    x, dy = torch.randn(4, 20), torch.randn(4, 10)
-    slots = torch.arange(0, w.col.numel(), 2)
+    w = random_weight(10, 20, 0.5, torch.float32, device=device)
+    x, dy = torch.randn(4, 20, device=device), torch.randn(4, 10, device=device)
+    slots = torch.arange(0, w.col.numel(), 2, device=device)
     before = ops.csr_sddmm(dy, x, w.crow, w.col, slots)
     assert torch.equal(ops.csr_sddmm(dy, x, w.crow, w.col, slots), before)  # remembered
     slots[1] = slots[0]  # in place: duplicate -> must be refused now
@@ -101,28 +109,34 @@ def test_evolution_step_bumps_the_pattern_versions():
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
 
-def test_adopt_pattern_checks_the_host_copies():
+def test_adopt_pattern_checks_the_host_copies(device):
     """_csr_adopt_pattern (the controller's way to mark an uploaded pattern as checked) checks
     the host copies in full and refuses copies that do not match the device tensors."""
     w = random_weight(6, 20, 0.5, torch.float32)
+    crow, col = w.crow.to(device, copy=True), w.col.to(device, copy=True)  # the "uploaded" pattern
     adopt = torch.ops.seft._csr_adopt_pattern
-    adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone())
+    adopt(crow, col, 20, w.crow.clone(), w.col.clone())
     bad = w.col.clone()
     r = int(torch.nonzero((w.crow[1:] - w.crow[:-1]) >= 2)[0])
     bad[int(w.crow[r]) + 1] = bad[int(w.crow[r])]
     with pytest.raises(RuntimeError, match="sorted and unique"):
-        adopt(w.crow, w.col, 20, w.crow.clone(), bad)
+        adopt(crow, col, 20, w.crow.clone(), bad)
     with pytest.raises(RuntimeError, match="out of range"):
-        adopt(w.crow, w.col, int(w.col.max()), w.crow.clone(), w.col.clone())
-    slots = torch.arange(0, w.col.numel(), 2)
-    adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, slots.clone())
+        adopt(crow, col, int(w.col.max()), w.crow.clone(), w.col.clone())
+    slots_host = torch.arange(0, w.col.numel(), 2)
+    slots = slots_host.to(device, copy=True)
+    adopt(crow, col, 20, w.crow.clone(), w.col.clone(), slots, slots_host.clone())
     with pytest.raises(RuntimeError, match="strictly increasing"):
-        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, slots.flip(0).contiguous())
+        adopt(crow, col, 20, w.crow.clone(), w.col.clone(), slots, slots_host.flip(0).contiguous())
     with pytest.raises(RuntimeError, match="both slots"):
-        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone(), slots, None)
+        adopt(crow, col, 20, w.crow.clone(), w.col.clone(), slots, None)
     with pytest.raises(RuntimeError, match="must match"):
-        adopt(w.crow, w.col, 20, w.crow.clone(), w.col.clone().to(torch.int32 if w.col.dtype == torch.int16
-                                                                     else torch.int16))
+        adopt(crow, col, 20, w.crow.clone(), w.col.clone().to(torch.int32 if w.col.dtype == torch.int16
+                                                               else torch.int16))
+    # the adopted pattern is used as checked: same results as the reference
+    x = torch.randn(3, 20)
+    y = ops.csr_spmm(x.to(device), crow, col, w.values.to(device), None)
+    assert_matches(y, x.double() @ w.to_dense().double().T, torch.float32)
 
 
 def test_cuda_path_starts_from_the_environment():

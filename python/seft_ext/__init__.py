@@ -12,9 +12,12 @@ from .config import SEFTConfig
 from .seft_linear import SEFTLinear
 from .evolve import SEFTController
 from .convert import convert_to_seft, seft_layers
+from .persist import from_pretrained, merge_and_unload, print_trainable_parameters, save_pretrained, \
+    trainable_parameters
 from . import prune
 
 __version__ = "0.1.0"
 
 __all__ = ["CSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTController", "convert_to_seft",
-           "seft_layers", "prune", "ops", "build_info", "__version__"]
+           "seft_layers", "save_pretrained", "from_pretrained", "merge_and_unload", "trainable_parameters",
+           "print_trainable_parameters", "prune", "ops", "build_info", "__version__"]

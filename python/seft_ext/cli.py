@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -16,43 +17,78 @@ from pathlib import Path
 
 import torch
 
-from .config import BUDGETS, DRIVER_METHODS
+from .config import BUDGETS, DRIVER_METHODS, METHODS, SCHEDULES, SEFTConfig
 from .pipeline import DTYPES, PATTERNS
 
 
+# SEFTConfig fields the driver sets itself: nm_n / nm_m come from --pattern.
+NOT_OPTIONS = ("nm_n", "nm_m")
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float}
+_CHOICES = {"schedule": SCHEDULES, "budget": BUDGETS, "method": METHODS}
+# Where the driver's option differs from the plain field (one definition still serves both).
+DRIVER_OVERRIDES = {
+    "method": dict(choices=list(DRIVER_METHODS),
+                   help="seft, spiel or fixed (see SEFTConfig.method); masked-dense: the SEFT steps with dense "
+                        "weights x mask and dense gradients (the paper's own way; a speed and memory reference); "
+                        "none: no fine-tuning"),
+    "budget": dict(default=None, help="the unit whose non-zero count evolution keeps: layer, row or nm (N:M group); "
+                                      "default: nm for 2:4 / 4:8, else layer"),
+}
+
+
+def config_option(parser, f: dataclasses.Field, **override) -> None:
+    """Adds --NAME for the SEFTConfig field f: type, default and help from the dataclass."""
+    kw = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
+    if f.type == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["type"] = _TYPES[str(f.type)]
+        if f.name in _CHOICES:
+            kw["choices"] = list(_CHOICES[f.name])
+    kw.update(override)
+    if "help" in override:
+        kw["help"] = override["help"] + " (default: %(default)s)"
+    parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_fields() -> list:
+    """The SEFTConfig fields that are driver options."""
+    return [f for f in dataclasses.fields(SEFTConfig) if f.name not in NOT_OPTIONS]
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="seft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"seft_ext {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="default", help="local Hugging Face folder, or 'default' (SmolLM2-135M-Instruct)")
+    common.add_argument("--model", default="default", help="local Hugging Face folder, a model id in the local "
+                        "Hugging Face cache, or 'default' (SmolLM2-135M-Instruct)")
     common.add_argument("--data", default="default", help="local .txt / .jsonl files (comma-separated), or 'default'")
-    common.add_argument("--seq-len", type=int, default=256)
-    common.add_argument("--batch-size", type=int, default=4)
+    common.add_argument("--seq-len", type=int, default=256, help="tokens per training / evaluation window")
+    common.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (per rank)")
     common.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (0: all)")
     common.add_argument("--task-items", type=int, default=100, help="held-out WordNet items scored (0: skip the task)")
     common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    common.add_argument("--seed", type=int, default=0)
+    config_option(common, _field("seed"), help="seed of the data order, calibration sample, initial delta "
+                  "positions and the scan's sketch")
     common.add_argument("--out", default="seft_out", help="output folder")
-    common.add_argument("--no-progress", action="store_true")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars or messages")
 
-    run_opts = argparse.ArgumentParser(add_help=False)
-    run = run_opts
-    run.add_argument("--sparsity", type=float, default=0.5)
-    run.add_argument("--pattern", choices=list(PATTERNS), default="row")
-    run.add_argument("--budget", choices=list(BUDGETS), default=None,
-                     help="the unit whose non-zero count evolution keeps: layer, row or nm (N:M group); "
-                          "default: nm for 2:4 / 4:8, else layer (see README: re-activation under a row budget)")
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--pattern", choices=list(PATTERNS), default="row",
+                     help="pruning pattern: unstructured (per layer), row (per output row), 2:4 or 4:8")
     run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt", "existing"], default=None,
                      help="default wanda (train: existing); existing keeps the model's own zeros as the "
                           "pruning mask (a model pruned before)")
-    run.add_argument("--method", choices=list(DRIVER_METHODS), default="seft",
-                     help="masked-dense: the SEFT steps with dense weights x mask and dense gradients (the "
-                          "paper's own way; a speed and memory reference)")
-    run.add_argument("--steps", type=int, default=60)
-    run.add_argument("--lr", type=float, default=2e-4)
-    run.add_argument("--calib-windows", type=int, default=32)
-    run.add_argument("--update-interval", type=int, default=10)
-    run.add_argument("--lora-rank", type=int, default=8, help="trainable budget k = rank (in + out) per layer")
+    run.add_argument("--steps", type=int, default=60, help="optimizer steps of fine-tuning")
+    run.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the deltas")
+    run.add_argument("--calib-windows", type=int, default=32, help="training windows Wanda / SparseGPT calibrate on")
+    sft = run.add_argument_group("SEFT (the fields of seft_ext.SEFTConfig)")
+    for f in config_fields():
+        if f.name != "seed":
+            config_option(sft, f, **DRIVER_OVERRIDES.get(f.name, {}))
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     run.add_argument("--device", default="cpu",
@@ -64,14 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     run.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR/checkpoints")
 
-    sub.add_parser("run", parents=[common, run_opts], help="the whole job")
-    sub.add_parser("prune", parents=[common, run_opts],
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    sub.add_parser("run", parents=[common, run], help="the whole job", **fmt)
+    sub.add_parser("prune", parents=[common, run], **fmt,
                    help="load, evaluate, prune, evaluate, export the pruned model to DIR/dense (no training)")
-    sub.add_parser("train", parents=[common, run_opts],
+    sub.add_parser("train", parents=[common, run], **fmt,
                    help="fine-tune a model pruned before (--prune existing unless given), evaluate, export")
-    sub.add_parser("eval", parents=[common], help="evaluate a model folder")
-    ex = sub.add_parser("export", parents=[common], help="export the newest checkpoint of a run")
+    sub.add_parser("eval", parents=[common], help="evaluate a model folder", **fmt)
+    ex = sub.add_parser("export", parents=[common], help="export the newest checkpoint of a run", **fmt)
     ex.add_argument("--run", required=True, metavar="DIR", help="the run folder holding checkpoints/")
+    ex.add_argument("--format", choices=["hf", "peft"], default="hf",
+                    help="hf: DIR/dense (a plain Hugging Face folder, sparsity kept) and DIR/sparse.safetensors; "
+                         "peft: DIR/peft/base (the final theta) and DIR/peft/adapter (a PEFT SHiRA adapter holding "
+                         "the delta)")
     return p
 
 
@@ -84,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
                                     help="replace the results and checkpoints of another run in --out (only "
                                          "files seft wrote are deleted)")
     return p
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(SEFTConfig) if f.name == name)
 
 
 def _check_args(a) -> None:
@@ -160,13 +205,24 @@ def cmd_export(a) -> int:
     checkpoint.restore(info, tensor_file, model)
     aside = run_folder.aside_folder(out, run_id)
     try:
-        export_sparse(model, aside / "sparse.safetensors")
-        sparsity = model_sparsity(model)
-        export_dense(model, tok, aside / "dense")
+        if a.format == "peft":
+            from .peft_export import export_peft
+
+            export_peft(model, tok, aside / "peft")
+        else:
+            export_sparse(model, aside / "sparse.safetensors")
+            sparsity = model_sparsity(model)
+            export_dense(model, tok, aside / "dense")
     except BaseException:
         run_folder.discard(aside)
         raise
     run_folder.install(out, run_id, aside)
+    if a.format == "peft":
+        base, adapter = out / "peft" / "base", out / "peft" / "adapter"
+        print(f"seft: exported step {info['step']} of {a.run} as {base} (the final theta) and {adapter} "
+              "(PEFT SHiRA adapter); load with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+              "adapter)")
+        return 0
     print(f"seft: exported step {info['step']} of {a.run} to {out}/dense and {out}/sparse.safetensors "
           f"(sparsity {sparsity:.4f})")
     return 0

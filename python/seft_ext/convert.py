@@ -56,6 +56,10 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
         del layer
     if freeze:
         freeze_all_but_deltas(model)
+    model.seft_config = config  # what save_pretrained records
+    from .persist import keep_sparse_buffers_out_of_ddp
+
+    keep_sparse_buffers_out_of_ddp(model)
     return names
 
 

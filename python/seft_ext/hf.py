@@ -1,10 +1,10 @@
-"""Hugging Face integration: a Trainer callback, and sparse export / import of the
-fine-tuned weights (topology + values in safetensors)."""
+"""Hugging Face integration: a Trainer callback that survives save and resume, and sparse
+export / import of the fine-tuned weights (topology + values in safetensors)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from .convert import seft_layers
 from .layer import SparseLinear
 from .modules import replace_module
 from .sparse import CSRWeight
+from .window import EvolutionWindow
 
 try:  # transformers is optional for the rest of the package
     from transformers import TrainerCallback
@@ -21,16 +22,32 @@ except ImportError:  # pragma: no cover
     TrainerCallback = object
 
 
+CONTROLLER_STATE = "seft_controller.safetensors"
+
+
 class SEFTCallback(TrainerCallback):
     """Drives SEFT evolution inside ``transformers.Trainer``: convert the model first
-    (``convert_to_seft``), then ``Trainer(..., callbacks=[SEFTCallback(config)])``. The
-    controller is built at the start of training from the Trainer's model, optimizer and
-    ``max_steps``, and steps after every optimizer step; ``callback.controller`` exposes it."""
+    (``convert_to_seft``), then ``Trainer(..., callbacks=[SEFTCallback(config)])``.
 
-    def __init__(self, config: SEFTConfig, total_steps: Optional[int] = None):
+    - The controller is built at the start of training from the Trainer's model, optimizer
+      and ``max_steps`` (``total_steps`` overrides it) and steps after every optimizer step
+      (once per optimizer step under gradient accumulation); ``callback.controller`` exposes it.
+    - Under torchrun it shares the window statistics over the default process group, so the
+      ranks keep one topology.
+    - Every ``checkpoint-N`` folder gets the files of ``seft_ext.save_pretrained`` and the
+      controller's state; ``resume_from_checkpoint`` restores that state, so a resumed run
+      continues exactly. ``resume_from`` names the checkpoint folder when it is not
+      ``output_dir/checkpoint-N``.
+    """
+
+    def __init__(self, config: SEFTConfig, total_steps: Optional[int] = None,
+                 resume_from: Optional[Union[str, Path]] = None):
         if not isinstance(config, SEFTConfig):
             raise TypeError(f"SEFTCallback: config must be a SEFTConfig, got {type(config).__name__}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"SEFTCallback: total_steps must be a positive int or None, got {total_steps!r}")
         self.config, self.total_steps, self.controller = config, total_steps, None
+        self.resume_from = None if resume_from is None else Path(resume_from)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from .evolve import SEFTController
@@ -38,11 +55,75 @@ class SEFTCallback(TrainerCallback):
         if optimizer is None:
             raise RuntimeError("SEFTCallback: the Trainer passed no optimizer to on_train_begin")
         total = self.total_steps or state.max_steps
-        self.controller = SEFTController(model, optimizer, self.config, int(total))
+        self.controller = SEFTController(model, optimizer, self.config, int(total), process_group="auto")
+        if state.global_step > 0:
+            folder = self.resume_from or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            load_controller_state(self.controller, folder / CONTROLLER_STATE, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.controller is not None:
             self.controller.step()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.controller is None or not state.is_world_process_zero:
+            return
+        from .persist import save_pretrained
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_pretrained(model, folder, config=self.config)
+        save_controller_state(self.controller, folder / CONTROLLER_STATE)
+
+
+def save_controller_state(controller, path: Path) -> None:
+    """The controller's scalars (JSON in the metadata) and in-flight windows (tensors), with the
+    topology hash of its layers, in one safetensors file (written aside, then moved in)."""
+    from safetensors.torch import save_file
+
+    from .distributed import topology_hash
+
+    state = controller.state_dict()
+    windows = state.pop("windows")
+    tensors, scalars = {}, {}
+    for name, w in windows.items():
+        scalars[name] = {k: w[k] for k in ("count", "steps", "finite", "scan_bytes")}
+        tensors.update({f"{name}.{f}": w[f].cpu().contiguous() for f in EvolutionWindow.FIELDS if w[f] is not None})
+    meta = {"controller": state, "windows": scalars, "topology": topology_hash(list(controller.layers.values()))}
+    tensors["_format"] = torch.zeros(1)  # safetensors needs at least one tensor
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"seft_ext": "controller-v1", "state": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_controller_state(controller, path: Path, step: int) -> None:
+    """Restore what :func:`save_controller_state` wrote, after checking it belongs to this
+    model (same topology hash) at this optimizer step."""
+    from safetensors import safe_open
+
+    from .distributed import topology_hash
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SEFTCallback: resuming at step {step}, but {path} is missing: the checkpoint was not written by "
+            "SEFTCallback, or it lies elsewhere (pass SEFTCallback(config, resume_from=CHECKPOINT_FOLDER))")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("seft_ext") != "controller-v1":
+            raise ValueError(f"SEFTCallback: {path} is not a SEFT controller state")
+        saved = json.loads(meta["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    ctl = saved["controller"]
+    if ctl["step_count"] != step:
+        raise ValueError(f"SEFTCallback: {path} holds the controller at step {ctl['step_count']}, the Trainer "
+                         f"resumes at step {step}")
+    if saved["topology"] != topology_hash(list(controller.layers.values())):
+        raise ValueError(f"SEFTCallback: {path} does not match the model's sparse topology: the model was not "
+                         "restored from the same checkpoint")
+    ctl["windows"] = {}
+    for name, scal in saved["windows"].items():
+        dev = controller.layers[name].theta.device if name in controller.layers else None
+        w = {f: tensors.get(f"{name}.{f}") for f in EvolutionWindow.FIELDS}
+        ctl["windows"][name] = {**{f: None if v is None else v.to(dev) for f, v in w.items()}, **scal}
+    controller.load_state_dict(ctl)
 
 
 def export_sparse(model: nn.Module, path: Path) -> None:

@@ -25,7 +25,7 @@ class MaskedDenseFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, bias, layer):
-        w = dense_weight(layer, delta)
+        w = dense_weight(layer, delta).to(x.dtype)  # x.dtype: the layer's, or autocast's
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.has_bias = bias is not None

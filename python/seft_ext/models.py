@@ -71,25 +71,44 @@ def _cached_default(progress: bool) -> Path:
     return cache
 
 
-def model_folder(spec: str, progress: bool = True) -> Path:
-    """The local folder of ``spec``: "default" (de-quantised and cached once) or a Hugging Face folder."""
-    if spec == "default":
-        return _cached_default(progress)
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--model {spec}: no such folder (give a local Hugging Face model folder, "
-                                "or 'default')")
+def hub_cache_folder(model_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of ``model_id`` (no network is used)."""
+    looks_like_id = model_id.count("/") <= 1 and not model_id.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise FileNotFoundError(f"--model {model_id}: no such folder (give a local Hugging Face model folder, a model "
+                                "id in the local Hugging Face cache, or 'default')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as e:  # not cached, or not a valid id
+        raise FileNotFoundError(
+            f"--model {model_id}: no such folder, and {'no' if looks_like_id else 'not a'} model id in the local "
+            f"Hugging Face cache ({type(e).__name__}); seft never downloads: fetch it where there is network "
+            f"(`huggingface-cli download {model_id}`) or give a local folder") from None
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
+        raise FileNotFoundError(f"--model {model_id}: the cached snapshot {folder} has no config.json")
     return folder
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = True, need_tokenizer: bool = False):
-    """(model, tokenizer) for ``spec``: "default" or a local Hugging Face model folder. The
-    tokenizer is None when the folder has none (refused first with ``need_tokenizer``); a folder
-    whose weights do not cover the model (say, SEFT layers saved as a state dict) is refused."""
-    from transformers import AutoModelForCausalLM
+def model_folder(spec: str, progress: bool = True) -> Path:
+    """The local folder of ``spec``: "default" (de-quantised and cached once), a Hugging Face
+    folder, or a model id already in the local Hugging Face cache."""
+    if spec == "default":
+        return _cached_default(progress)
+    if Path(spec).is_dir():
+        folder = Path(spec)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: not a Hugging Face model folder (no config.json)")
+        return folder
+    return hub_cache_folder(spec)
 
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = True, need_tokenizer: bool = False):
+    """(model, tokenizer) for ``spec`` (see ``model_folder``). The tokenizer is None when the
+    folder has none (refused first with ``need_tokenizer``); a folder whose weights do not cover
+    the model (say, SEFT layers saved as a state dict) is refused."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     folder = model_folder(spec, progress)

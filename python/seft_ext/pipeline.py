@@ -8,10 +8,12 @@ e.g. ``run_job(options("run", model="path/to/hf_folder", steps=20, out="out"))``
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,13 @@ from .config import SEFTConfig
 
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The options a resumed run must share with the run it continues, and the contents behind two of them.
-RESUME_KEYS = ("model", "data", "sparsity", "pattern", "budget", "prune", "method", "steps", "seq_len", "batch_size",
-               "lr", "seed", "update_interval", "lora_rank", "calib_windows", "dtype")
+# SEFTConfig fields the driver sets from --pattern rather than from options of their own.
+PATTERN_FIELDS = ("nm_n", "nm_m")
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(SEFTConfig) if f.name not in PATTERN_FIELDS)
+# The options a resumed run must share with the run it continues: every SEFTConfig option and these;
+# and the contents behind two of them.
+RESUME_KEYS = ("model", "data", "pattern", "prune", "steps", "seq_len", "batch_size", "lr", "calib_windows",
+               "dtype") + CONFIG_KEYS
 CONTENT_KEYS = {"model_sha256": "--model weights", "data_sha256": "--data files"}
 
 
@@ -166,8 +172,8 @@ def _check_run(a) -> None:
         _need(Path(a.resume, "checkpoints").is_dir(), f"--resume {a.resume}: no checkpoints folder there")
     try:
         seft_config(a)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    except (TypeError, ValueError) as e:  # named as the option it came from
+        raise UsageError(re.sub(r"^SEFTConfig: (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
 
 
 # ---------------------------------------------------------------------- prepare
@@ -232,11 +238,12 @@ def _hash_files(paths) -> str:
 
 
 def seft_config(a) -> SEFTConfig:
-    """The SEFTConfig the driver's options describe."""
+    """The SEFTConfig the driver's options describe (the driver's methods none and
+    masked-dense are fixed and seft to the layers)."""
     _, nm = PATTERNS[a.pattern]
-    return SEFTConfig(sparsity=a.sparsity, budget=a.budget, nm_n=nm[0], nm_m=nm[1],
-                      method={"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method),
-                      update_interval=a.update_interval, lora_rank=a.lora_rank, seed=a.seed)
+    fields = {k: getattr(a, k) for k in CONFIG_KEYS}
+    fields["method"] = {"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method)
+    return SEFTConfig(**fields, nm_n=nm[0], nm_m=nm[1])
 
 
 def run_args(a, world: int, fingerprint: Optional[dict] = None) -> dict:

@@ -3,7 +3,7 @@
 ``DIR/run.json`` holds the run's identity (a random id, also written into each checkpoint) and
 the outputs it installed. A run starting where another run's results or checkpoints are is
 refused (``overwrite=True`` removes them first, and only them: nothing seft did not write is
-deleted). The outputs (``sparse.safetensors``, ``dense/``, ``summary.json``) are written into
+deleted). The outputs (``sparse.safetensors``, ``dense/`` or ``peft/``, ``summary.json``) are written into
 an aside folder and moved in together at the end, so a failed export leaves the folder as it
 was, and a finished one never mixes two runs' files.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 MARKER = "run.json"
-OUTPUTS = ("sparse.safetensors", "dense", "summary.json")  # moved in in this order: summary.json last
+OUTPUTS = ("sparse.safetensors", "dense", "peft", "summary.json")  # moved in in this order: summary.json last
+FOLDERS = ("dense", "peft")  # output folders: every file in them must be one the run recorded
 FILES = ("summary.json", "log.jsonl", "sparse.safetensors", MARKER)  # the single files a run writes
 ASIDE_PREFIX = ".seft-"  # the aside and replaced folders: DIR/.seft-outputs-<id>, DIR/.seft-replaced-<id>
 
@@ -86,23 +87,22 @@ def previous_files(folder: Path, run_id: str) -> list[Path]:
     marker = read_marker(folder)
     if marker is not None and marker["run_id"] == run_id:
         return []
-    found = [folder / n for n in FILES + ("dense",) if (folder / n).exists() or (folder / n).is_symlink()]
+    found = [folder / n for n in FILES + FOLDERS if (folder / n).exists() or (folder / n).is_symlink()]
     found += [p for p in folder.iterdir() if p.name.startswith(ASIDE_PREFIX)]
     return found + _checkpoint_files(folder, run_id)
 
 
-def _unknown_dense_file(folder: Path, marker: Optional[dict]) -> Optional[str]:
-    """A file under DIR/dense that the run owning the folder did not write, if any."""
-    dense = folder / "dense"
-    if dense.is_symlink() or (dense.exists() and not dense.is_dir()):
-        return "dense (not a folder seft wrote)"
-    if not dense.exists():
-        return None
+def _unknown_output_file(folder: Path, marker: Optional[dict]) -> Optional[str]:
+    """A file under DIR/dense or DIR/peft that the run owning the folder did not write, if any."""
     written = set(marker.get("outputs", [])) if marker else set()
-    for p in sorted(dense.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if (p.is_file() or p.is_symlink()) and rel not in written:
-            return rel
+    for name in FOLDERS:
+        out = folder / name
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            return f"{name} (not a folder seft wrote)"
+        for p in sorted(out.rglob("*")) if out.exists() else []:
+            rel = p.relative_to(folder).as_posix()
+            if (p.is_file() or p.is_symlink()) and rel not in written:
+                return rel
     return None
 
 
@@ -112,10 +112,11 @@ def claim(folder: Path, run_id: str, command: str, overwrite: bool, option: str 
     folder = Path(folder)
     check_writable(folder, option)
     marker = read_marker(folder)
-    unknown = _unknown_dense_file(folder, marker)
+    unknown = _unknown_output_file(folder, marker)
     if unknown is not None:
         raise RunFolderError(f"{option} {folder}: {folder / unknown} was not written by seft, and seft writes "
-                             f"{folder / 'dense'} itself; move it away or give another {option}")
+                             f"{folder / unknown.split('/')[0].split(' ')[0]} itself; move it away or give another "
+                             f"{option}")
     previous = previous_files(folder, run_id)
     if previous and not overwrite:
         names = ", ".join(p.relative_to(folder).as_posix() for p in previous[:4])
@@ -153,7 +154,7 @@ def install(folder: Path, run_id: str, aside: Path) -> None:
     if marker is None or marker["run_id"] != run_id:
         raise RunFolderError(f"{folder} no longer belongs to this run ({folder / MARKER} changed); its outputs "
                              f"are in {aside}")
-    unknown = _unknown_dense_file(folder, marker)
+    unknown = _unknown_output_file(folder, marker)
     if unknown is not None:
         raise RunFolderError(f"{folder / unknown} was not written by seft; the outputs are in {aside}")
     names = [n for n in OUTPUTS if (aside / n).exists()]

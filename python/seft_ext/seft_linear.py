@@ -31,7 +31,7 @@ from .window import EvolutionWindow
 class _SEFTLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, bias, layer):
-        values = layer.effective_values(delta)
+        values = layer.effective_values(delta).to(x.dtype)  # x.dtype: the layer's, or autocast's
         y = ops.csr_spmm(x, layer.crow, layer.col, values, bias)
         # The pattern is saved too: an evolution step between forward and backward bumps its
         # version and autograd then refuses the stale backward.
@@ -166,10 +166,10 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SEFTLinear: x must have last dimension in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        if x.dtype != self.theta.dtype:
-            raise ValueError(f"SEFTLinear: x has dtype {x.dtype} but the layer is {self.theta.dtype}")
+        dtype = _compute_dtype(x, self.theta.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
         fn = MaskedDenseFn if self.dense_compute else _SEFTLinearFn
-        return fn.apply(x, self.delta, self.bias, self)
+        return fn.apply(x.to(dtype), self.delta, bias, self)
 
     @property
     def grow_inactive(self) -> bool:
@@ -207,3 +207,17 @@ def _check_nm(base: CSRWeight, n: int, m: int) -> None:
         bad = (counts != n).nonzero()[0].tolist()
         raise ValueError(f"SEFTLinear: the base is not {n}:{m}: row {bad[0]}, group {bad[1]} has "
                          f"{int(counts[bad[0], bad[1]])} non-zeros")
+
+
+def _compute_dtype(x: Tensor, layer_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a forward computes in: autocast's where it is on for x's device (as for
+    nn.Linear), else the layer's, which x must have."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        if dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return dtype
+    if x.dtype != layer_dtype:
+        raise ValueError(f"SEFTLinear: x has dtype {x.dtype} but the layer is {layer_dtype} (cast x, or run under "
+                         "torch.autocast)")
+    return layer_dtype

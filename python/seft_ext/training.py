@@ -43,8 +43,11 @@ class TrainLoop:
         job = self.job
         if job.world <= 1:
             return job.model
+        from .persist import keep_sparse_buffers_out_of_ddp
+
+        keep_sparse_buffers_out_of_ddp(job.model)  # the pattern buffers are never broadcast
         ids = [job.device.index] if job.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(job.model, device_ids=ids, broadcast_buffers=False)
+        return torch.nn.parallel.DistributedDataParallel(job.model, device_ids=ids)
 
     def run(self) -> None:
         job, a = self.job, self.job.opts

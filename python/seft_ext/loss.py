@@ -1,0 +1,64 @@
+"""The causal-LM loss without the whole ``[tokens, vocab]`` logits alive at once.
+
+Hugging Face's ``model(input_ids, labels=...)`` builds fp32 logits for every token, then
+their log-softmax and, in backward, their gradient: for SmolLM2 (vocabulary 49,152) at 4 x 256
+tokens that is about 200 MB each. ``causal_lm_loss`` runs the decoder once, then the
+``lm_head`` and the cross-entropy chunk by chunk of tokens under activation checkpointing,
+so at most one chunk's logits exist at a time (forward and backward). Only tokens with a
+label (not -100) reach the ``lm_head`` at all: an answer-only loss costs only the answers'
+logits. The result is the mean next-token cross-entropy, as ``model(..., labels=...).loss``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_TOKENS = 512
+
+
+def _head_parts(model: nn.Module):
+    """(decoder, lm_head, softcap) of a Hugging Face causal LM."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or head is None:
+        raise TypeError(f"causal_lm_loss: {type(model).__name__} exposes no decoder / output embeddings")
+    return decoder, head, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _chunk_nll(head: nn.Module, softcap: Optional[float], h: Tensor, y: Tensor) -> Tensor:
+    logits = head(h)
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def token_nll(model: nn.Module, input_ids: Tensor, labels: Optional[Tensor] = None,
+              chunk_tokens: int = CHUNK_TOKENS) -> tuple[Tensor, int]:
+    """(summed next-token NLL, number of predicted tokens) over the labelled positions
+    (``labels`` defaults to ``input_ids``; -100 marks positions without a loss)."""
+    decoder, head, softcap = _head_parts(model)
+    labels = input_ids if labels is None else labels
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != -100).nonzero().flatten()
+    if keep.numel() < y.numel():
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
+    total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    for i in range(0, y.numel(), chunk_tokens):
+        hc, yc = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+        total = total + (checkpoint(_chunk_nll, head, softcap, hc, yc, use_reentrant=False) if grad
+                         else _chunk_nll(head, softcap, hc, yc))
+    return total, int(y.numel())
+
+
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Optional[Tensor] = None,
+                   chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """Mean next-token cross-entropy over the labelled positions (see the module doc)."""
+    total, n = token_nll(model, input_ids, labels, chunk_tokens)
+    return total / max(n, 1)
