@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from seft_ext import SEFTConfig  # noqa: E402
-from seft_ext.cli import _parser, main  # noqa: E402
+from seft_ext.cli import parser, main  # noqa: E402
 from seft_ext.pipeline import RESUME_KEYS, options, seft_config  # noqa: E402
 
 SET_FROM_PATTERN = {"nm_n", "nm_m"}
@@ -29,7 +29,7 @@ def test_every_config_field_is_an_option_with_its_default_shown(capsys):
 
 
 def test_config_options_reach_the_config():
-    a = _parser().parse_args(["run", "--drop-fraction", "0.3", "--schedule", "linear", "--no-seed-optimizer",
+    a = parser().parse_args(["run", "--drop-fraction", "0.3", "--schedule", "linear", "--no-seed-optimizer",
                               "--k", "50", "--scan-sketch", "0", "--candidate-factor", "3", "--evolve-until", "0.5",
                               "--grow-accumulation", "2", "--pattern", "2:4", "--budget", "nm", "--method",
                               "masked-dense", "--seed", "4"])

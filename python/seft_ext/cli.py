@@ -56,7 +56,7 @@ def config_fields() -> list:
     return [f for f in dataclasses.fields(SEFTConfig) if f.name not in NOT_OPTIONS]
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="seft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                   "positions and the scan's sketch")
     common.add_argument("--out", default="seft_out", help="output folder")
     common.add_argument("--no-progress", action="store_true", help="no progress bars or messages")
+    owned = argparse.ArgumentParser(add_help=False)  # the output folder's ownership
+    owned.add_argument("--overwrite", action="store_true", help="replace the results and checkpoints of another "
+                       "run in --out (only files seft wrote are deleted)")
 
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--pattern", choices=list(PATTERNS), default="row",
@@ -101,29 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR/checkpoints")
 
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
-    sub.add_parser("run", parents=[common, run], help="the whole job", **fmt)
-    sub.add_parser("prune", parents=[common, run], **fmt,
+    sub.add_parser("run", parents=[common, owned, run], help="the whole job", **fmt)
+    sub.add_parser("prune", parents=[common, owned, run], **fmt,
                    help="load, evaluate, prune, evaluate, export the pruned model to DIR/dense (no training)")
-    sub.add_parser("train", parents=[common, run], **fmt,
+    sub.add_parser("train", parents=[common, owned, run], **fmt,
                    help="fine-tune a model pruned before (--prune existing unless given), evaluate, export")
     sub.add_parser("eval", parents=[common], help="evaluate a model folder", **fmt)
-    ex = sub.add_parser("export", parents=[common], help="export the newest checkpoint of a run", **fmt)
+    ex = sub.add_parser("export", parents=[common, owned], help="export the newest checkpoint of a run", **fmt)
     ex.add_argument("--run", required=True, metavar="DIR", help="the run folder holding checkpoints/")
     ex.add_argument("--format", choices=["hf", "peft"], default="hf",
                     help="hf: DIR/dense (a plain Hugging Face folder, sparsity kept) and DIR/sparse.safetensors; "
                          "peft: DIR/peft/base (the final theta) and DIR/peft/adapter (a PEFT SHiRA adapter holding "
                          "the delta)")
-    return p
-
-
-def parser() -> argparse.ArgumentParser:
-    """The parser of ``_parser`` with the options of the output folder's ownership added."""
-    p = _parser()
-    commands = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction)).choices
-    for name in ("run", "prune", "train", "export"):
-        commands[name].add_argument("--overwrite", action="store_true",
-                                    help="replace the results and checkpoints of another run in --out (only "
-                                         "files seft wrote are deleted)")
     return p
 
 

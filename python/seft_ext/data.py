@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .loss import token_nll
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -100,11 +102,9 @@ def perplexity(model, windows: Tensor, batch_size: int = 8) -> float:
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll, n = token_nll(model, ids)  # the lm_head per chunk of tokens: no [tokens, vocab] logits at once
         total += nll.item()
-        count += ids[:, 1:].numel()
+        count += n
     try:
         return math.exp(total / count)
     except OverflowError:

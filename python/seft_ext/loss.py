@@ -62,3 +62,15 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Optional[Tensor]
     """Mean next-token cross-entropy over the labelled positions (see the module doc)."""
     total, n = token_nll(model, input_ids, labels, chunk_tokens)
     return total / max(n, 1)
+
+
+class CausalLMLoss(nn.Module):
+    """``causal_lm_loss`` as a module around ``model`` (so DistributedDataParallel can wrap
+    it: the loss's forward is the one DDP sees)."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = CHUNK_TOKENS):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return causal_lm_loss(self.model, input_ids, labels, self.chunk_tokens)

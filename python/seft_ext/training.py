@@ -40,14 +40,17 @@ class TrainLoop:
 
     def _wrap_ddp(self):
         """DDP over the deltas; the buffers (topology) stay in step through the controller."""
+        from .loss import CausalLMLoss
+
         job = self.job
+        net = CausalLMLoss(job.model)  # the lm_head and loss per chunk of tokens
         if job.world <= 1:
-            return job.model
+            return net
         from .persist import keep_sparse_buffers_out_of_ddp
 
-        keep_sparse_buffers_out_of_ddp(job.model)  # the pattern buffers are never broadcast
+        keep_sparse_buffers_out_of_ddp(net)  # the pattern buffers are never broadcast
         ids = [job.device.index] if job.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(job.model, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
     def run(self) -> None:
         job, a = self.job, self.job.opts
@@ -80,7 +83,7 @@ class TrainLoop:
         n = job.train_windows.shape[0]
         idx = torch.randint(0, n, (a.batch_size * job.world,), generator=job.data_rng)[job.rank::job.world]
         batch = job.train_windows[idx].to(job.device)
-        loss = self.net(input_ids=batch, labels=batch, use_cache=False).loss
+        loss = self.net(batch)
         loss.backward()
         self._check_finite(step, loss)
         self.opt.step()
