@@ -28,9 +28,9 @@
 #include <unordered_map>
 #include <tuple>
 
-#include "cpu/checks.h"
-#include "cpu/evolve_common.h"
-#include "dtype_dispatch.h"
+#include "common/checks.h"
+#include "common/evolve_common.h"
+#include "common/dtype_dispatch.h"
 
 namespace seft::cpu::evolve {
 namespace {

@@ -22,9 +22,9 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cpu/checks.h"
-#include "cpu/evolve_common.h"
-#include "dtype_dispatch.h"
+#include "common/checks.h"
+#include "common/evolve_common.h"
+#include "common/dtype_dispatch.h"
 
 namespace seft::cpu::evolve {
 namespace {

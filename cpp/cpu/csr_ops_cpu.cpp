@@ -7,7 +7,7 @@
 #include <cstdlib>
 
 #include "common/structure_cache.h"
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cpu/isa.h"
 
 namespace seft::cpu {

@@ -7,8 +7,8 @@
 
 #include <tuple>
 
-#include "cpu/checks.h"
-#include "cpu/evolve_common.h"
+#include "common/checks.h"
+#include "common/evolve_common.h"
 
 namespace seft::cpu::evolve {
 namespace {

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "common/csr_tile_index.h"
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 namespace seft::cpu {
 namespace {

@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cpu/isa.h"
 
 

@@ -1,7 +1,7 @@
 // The CPU kernel table of one instruction set: isa_<name>.cpp defines SEFT_ISA (the
 // namespace) and SEFT_ISA_NAME and includes this file with its own -m flags.
 #pragma once
-#include "dtype_dispatch.h"
+#include "common/dtype_dispatch.h"
 #include "cpu/csr_sddmm_kernel.h"
 #include "cpu/csr_spmm_kernel.h"
 #include "cpu/csr_spmm_t_kernel.h"

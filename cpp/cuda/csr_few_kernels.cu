@@ -31,7 +31,7 @@
 
 #include "common/csr_tile_index.h"
 #include "cuda/kernels_cuda.h"
-#include "dtype_dispatch.h"
+#include "common/dtype_dispatch.h"
 
 namespace seft::cuda {
 namespace {

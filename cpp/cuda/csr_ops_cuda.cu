@@ -40,7 +40,7 @@
 #include "common/csr_tile_index.h"
 #include "common/cuda_path.h"
 #include "common/structure_cache.h"
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cuda/check_cuda.h"
 #include "cuda/kernels_cuda.h"
 #include "cuda/nvtx_range.h"

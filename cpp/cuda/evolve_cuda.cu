@@ -19,11 +19,11 @@
 
 #include "common/csr_tile_index.h"
 #include "common/structure_cache.h"
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cuda/check_cuda.h"
 #include "cuda/kernels_cuda.h"
 #include "cuda/nvtx_range.h"
-#include "tiled/csr_grow_scan_tiled.h"
+#include "common/csr_grow_scan_tiled.h"
 
 namespace seft::cuda {
 namespace {

@@ -7,14 +7,14 @@
 // delta (inactive positions only when grow_inactive); prune candidates the base-only positions
 // of smallest |theta * G| (num_prune in the layer, or ceil(num_prune / out) per row). Ties
 // may resolve differently from the CPU kernel's (score, position) order.
-#include "tiled/csr_grow_scan_tiled.h"
+#include "common/csr_grow_scan_tiled.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 namespace seft::tiled {
 namespace {
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& gr
 }  // namespace seft::tiled
 
 // ---------------------------------------------------------------- the CPU registration (tests)
-#include "cpu/evolve_common.h"
+#include "common/evolve_common.h"
 
 namespace seft::tiled {
 namespace {

@@ -1,6 +1,6 @@
-#include "cpu/evolve_common.h"
+#include "common/evolve_common.h"
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 namespace seft::cpu::evolve {
 

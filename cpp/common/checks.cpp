@@ -1,4 +1,4 @@
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
