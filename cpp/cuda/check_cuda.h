@@ -1,5 +1,6 @@
 // Device-side validation of a CSR pattern (and slots) with one 16-byte device -> host sync;
-// on failure it reruns the CPU checks on host copies for the CPU op's exact message.
+// on failure it reruns the CPU checks on host copies for the CPU op's exact message
+// (check_cuda.cu). Shared by the CUDA ops.
 #pragma once
 #include <ATen/core/Tensor.h>
 
