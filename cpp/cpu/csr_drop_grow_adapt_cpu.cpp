@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> dga_typed(at::Tensor& crow_t, at::Tensor& col
   }
   TORCH_INTERNAL_ASSERT(w == K && rp == nr && a == na, "csr_drop_grow_adapt_: budget not kept (", w, " of ", K,
                         " non-zeros)");
-  if (units.scope != Scope::layer) {
+  if (units.budget != Budget::layer) {
     for (int64_t r = 0; r <= out; ++r)
       TORCH_INTERNAL_ASSERT(ncrow[r] == crow[r], "csr_drop_grow_adapt_: a row budget changed");
   }
@@ -346,12 +346,12 @@ std::tuple<at::Tensor, at::Tensor> csr_drop_grow_adapt_cpu(at::Tensor& crow, at:
                                                            at::Tensor& delta_slots, at::Tensor& delta,
                                                            const at::Tensor& tracked, const at::Tensor& gsum,
                                                            int64_t num_drop, int64_t in_features,
-                                                           c10::string_view scope_s, int64_t nm_n, int64_t nm_m,
+                                                           c10::string_view budget, int64_t nm_n, int64_t nm_m,
                                                            bool grow_inactive) {
   const char* op = "csr_drop_grow_adapt_";
   check_evolve_args(op, crow, col, theta, delta_slots, in_features);
   const int64_t out = crow.numel() - 1, k = delta_slots.numel();
-  const Units units{parse_scope(op, std::string(scope_s), nm_n, nm_m, in_features), in_features, nm_m};
+  const Units units{parse_budget(op, std::string(budget), nm_n, nm_m, in_features), in_features, nm_m};
   TORCH_CHECK(delta.defined() && delta.dim() == 1 && delta.numel() == k, op,
               ": delta must be 1-D with one value per slot (", k, "), got shape ",
               delta.defined() ? delta.sizes() : at::IntArrayRef{});
@@ -378,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> csr_drop_grow_adapt_cpu(at::Tensor& crow, at:
                   i, "] = ", p[i], " follows ", p[i - 1]);
     }
   }
-  if (units.scope == Scope::nm) {  // the base must already be N:M
+  if (units.budget == Budget::nm) {  // the base must already be N:M
     const at::Tensor c = col.contiguous(), r = crow.contiguous();
     for (int64_t o = 0; o < out; ++o) {
       std::vector<int64_t> cnt(in_features / nm_m, 0);

@@ -4,9 +4,9 @@
 //   grow candidates  the num_grow largest |G| among positions outside the delta (base-only
 //                    active ones always, inactive ones when grow_inactive);
 //   prune candidates base-only positions with the smallest sensitivity |theta * G|:
-//                    layer scope: the num_prune smallest of the layer;
-//                    row scope:   the ceil(num_prune / out) smallest of each row;
-//                    nm scope:    for each inactive grow candidate, the smallest of its group
+//                    layer budget: the num_prune smallest of the layer;
+//                    row budget:  the ceil(num_prune / out) smallest of each row;
+//                    nm budget:   for each inactive grow candidate, the smallest of its group
 //                                 (its swap partner).
 // With sketch > 0, G is estimated from CountSketches of the tokens (sketch rows instead of
 // T: the GEMM costs sketch / T of the exact one) and g is that estimate; the caller gets
@@ -37,7 +37,7 @@ struct Cand {
   double score;
   int64_t pos;
   double g;
-  int64_t partner;  // nm scope: the swap partner of an inactive candidate, else -1
+  int64_t partner;  // nm budget: the swap partner of an inactive candidate, else -1
   double partner_g;
 };
 struct Higher {
@@ -51,10 +51,10 @@ using PrunePool = TopPool<Cand, Lower>;
 
 struct ThreadState {
   GrowPool grow;
-  PrunePool prune;             // layer scope
-  std::vector<Cand> row_prune;  // row scope
+  PrunePool prune;             // layer budget
+  std::vector<Cand> row_prune;  // row budget
   std::vector<Cand> row_buf;
-  std::vector<Cand> partners;   // nm scope, per group of the current row
+  std::vector<Cand> partners;   // nm budget, per group of the current row
   std::vector<float> abs_buf;   // |G| of the current row (float G); -1 at active positions
   std::vector<double> abs_buf64;  // the same for double G
   bool nonfinite = false;
@@ -67,7 +67,7 @@ template <typename A, typename V, typename I>
 void scan_rows(const A* G, int64_t r0, int64_t r1, int64_t in, const int32_t* crow, const I* col, const V* theta,
                const int64_t* dslots, int64_t k, const Units& units, bool grow_inactive, int64_t row_cap,
                ThreadState& ts) {
-  const bool nm = units.scope == Scope::nm && grow_inactive;
+  const bool nm = units.budget == Budget::nm && grow_inactive;
   std::vector<A>& a = [&]() -> std::vector<A>& {
     if constexpr (std::is_same_v<A, double>) return ts.abs_buf64;
     else return ts.abs_buf;
@@ -100,9 +100,9 @@ void scan_rows(const A* G, int64_t r0, int64_t r1, int64_t in, const int32_t* cr
       const int64_t pos = r * in + c;
       const double sens = std::abs(static_cast<double>(theta[q]) * gv);
       if (ts.grow.template may_enter<true>(std::abs(gv))) ts.grow.push({std::abs(gv), pos, gv, -1, 0});
-      if (units.scope == Scope::layer) {
+      if (units.budget == Budget::layer) {
         if (ts.prune.template may_enter<false>(sens)) ts.prune.push({sens, pos, gv, -1, 0});
-      } else if (units.scope == Scope::row && row_cap > 0) {
+      } else if (units.budget == Budget::row && row_cap > 0) {
         ts.row_buf.push_back({sens, pos, gv, -1, 0});
       }
       if (nm) {
@@ -218,7 +218,7 @@ double sample_bar(std::vector<double>& v, double share, bool from_top) {
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow_in, const at::Tensor& col_in,
     const at::Tensor& theta_in, const at::Tensor& delta_slots_in, int64_t num_grow, int64_t num_prune,
-    c10::string_view scope_s, int64_t nm_n, int64_t nm_m, bool grow_inactive, int64_t sketch, int64_t seed) {
+    c10::string_view budget, int64_t nm_n, int64_t nm_m, bool grow_inactive, int64_t sketch, int64_t seed) {
   const char* op = "csr_grow_scan";
   check_sddmm_args(op, grad_out, x, crow_in, col_in, std::nullopt, /*check_offsets=*/false);
   const int64_t in = x.size(-1), out = crow_in.numel() - 1;
@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cpu(
   TORCH_CHECK(sketch >= 0, op, ": sketch must be >= 0 (0: the exact gradient), got ", sketch);
   TORCH_CHECK(num_grow >= 0 && num_prune >= 0, op, ": num_grow and num_prune must be >= 0, got ", num_grow,
               " and ", num_prune);
-  const Units units{parse_scope(op, std::string(scope_s), nm_n, nm_m, in), in, nm_m};
+  const Units units{parse_budget(op, std::string(budget), nm_n, nm_m, in), in, nm_m};
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous(), theta = theta_in.contiguous();
   const at::Tensor dslots = delta_slots_in.contiguous();
   const int64_t k = dslots.numel();
@@ -251,13 +251,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cpu(
   const at::Tensor dyT = dY.t().contiguous();
   const int64_t Ts = X.size(0);
   const int64_t tile_rows = std::max<int64_t>(1, std::min<int64_t>(out, kTileBytes / std::max<int64_t>(1, in * esize)));
-  const int64_t row_cap = (units.scope == Scope::row && out > 0) ? (num_prune + out - 1) / out : 0;
+  const int64_t row_cap = (units.budget == Budget::row && out > 0) ? (num_prune + out - 1) / out : 0;
 
   // Bars from a grid sample of positions: the pools then take only entries that clear them (about
   // kBarMargin times what they keep) instead of thinning a stream of everything. The result is the
   // exact selection whenever at least `cap` entries cleared the bar; else the scan reruns
   // without bars (the sample was unlucky).
-  const int64_t prune_cap = units.scope == Scope::layer ? num_prune : 0;
+  const int64_t prune_cap = units.budget == Budget::layer ? num_prune : 0;
   const int64_t nnz = col.numel();
   const int64_t eligible = (grow_inactive ? out * in : nnz) - k;
   double grow_bar = -1, prune_bar = -1;

@@ -159,7 +159,7 @@ if _lib.load_error is None:
 
 # ---------------------------------------------------------------- evolution ops
 def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor,
-                  num_grow: int, num_prune: int, scope: str = "layer", nm_n: int = 2, nm_m: int = 4,
+                  num_grow: int, num_prune: int, budget: str = "layer", nm_n: int = 2, nm_m: int = 4,
                   grow_inactive: bool = True, sketch: int = 0, seed: int = 0) -> tuple[Tensor, Tensor, int, bool]:
     """The first step of an evolution window for one layer.
 
@@ -175,15 +175,15 @@ def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta:
     is that estimate: use ``csr_sddmm`` at the tracked positions for exact values.
 
     On CUDA the scan is always exact (``sketch`` is not used): one cuBLAS GEMM per row tile
-    and topk selections (``csr_grow_scan_tiled``), or the CPU kernel for the nm scope.
+    and topk selections (``csr_grow_scan_tiled``), or the CPU kernel for the nm budget.
     """
     _lib.require_library()
-    return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope,
+    return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget,
                                         nm_n, nm_m, grow_inactive, sketch, seed)
 
 
 def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor, delta: Tensor,
-                         tracked: Tensor, gsum: Tensor, num_drop: int, in_features: int, scope: str = "layer",
+                         tracked: Tensor, gsum: Tensor, num_drop: int, in_features: int, budget: str = "layer",
                          nm_n: int = 2, nm_m: int = 4, grow_inactive: bool = True) -> tuple[Tensor, Tensor]:
     """One drop / grow / adapt step, in place on (crow, col, theta, delta_slots, delta) (CPU).
 
@@ -197,7 +197,7 @@ def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: 
     """
     _lib.require_library()
     return torch.ops.seft.csr_drop_grow_adapt_(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop,
-                                               in_features, scope, nm_n, nm_m, grow_inactive)
+                                               in_features, budget, nm_n, nm_m, grow_inactive)
 
 
 def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
@@ -219,7 +219,7 @@ if _lib.load_error is None:
             positions.new_empty(positions.shape)
 
     @torch.library.register_fake("seft::csr_grow_scan")
-    def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+    def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget="layer",
                             nm_n=2, nm_m=4, grow_inactive=True, sketch=0, seed=0):
         _same_device("csr_grow_scan", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
                      delta_slots=delta_slots)
@@ -227,7 +227,7 @@ if _lib.load_error is None:
         return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=acc_dtype(x.dtype)), 0, True)
 
     @torch.library.register_fake("seft::csr_grow_scan_tiled")
-    def _csr_grow_scan_tiled_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+    def _csr_grow_scan_tiled_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget="layer",
                                   grow_inactive=True, tile_bytes=1 << 20):
         _same_device("csr_grow_scan_tiled", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
                      delta_slots=delta_slots)
@@ -236,7 +236,7 @@ if _lib.load_error is None:
 
     @torch.library.register_fake("seft::csr_drop_grow_adapt_")
     def _csr_drop_grow_adapt_fake(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop, in_features,
-                                  scope="layer", nm_n=2, nm_m=4, grow_inactive=True):
+                                  budget="layer", nm_n=2, nm_m=4, grow_inactive=True):
         _same_device("csr_drop_grow_adapt_", crow=crow, col=col, theta=theta, delta_slots=delta_slots,
                      delta=delta, tracked=tracked, gsum=gsum)
         return delta_slots.new_empty(delta_slots.shape), delta_slots.new_empty((5,))
