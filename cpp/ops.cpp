@@ -51,6 +51,9 @@ TORCH_LIBRARY(seft, m) {
   // (crow, col, where each slot landed, where each position landed).
   m.def("csr_slot_union(Tensor crow, Tensor col, Tensor slots, Tensor positions, int in_features) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Raises ValueError unless the pattern is N:M: every group of m consecutive inputs of every row
+  // holds exactly n non-zeros (cpp/common/nm_check.cpp; CUDA patterns are checked on host copies).
+  m.def("csr_check_nm(Tensor crow, Tensor col, int in_features, int n, int m) -> ()");
   // Which CPU kernel set runs ("avx2" or "base"); pass "avx2", "base" or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
   // Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens), or forced

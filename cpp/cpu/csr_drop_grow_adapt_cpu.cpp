@@ -30,6 +30,7 @@
 
 #include "common/checks.h"
 #include "common/evolve_common.h"
+#include "common/nm_check.h"
 #include "common/dtype_dispatch.h"
 
 namespace seft::cpu::evolve {
@@ -378,18 +379,7 @@ std::tuple<at::Tensor, at::Tensor> csr_drop_grow_adapt_cpu(at::Tensor& crow, at:
                   i, "] = ", p[i], " follows ", p[i - 1]);
     }
   }
-  if (units.budget == Budget::nm) {  // the base must already be N:M
-    const at::Tensor c = col.contiguous(), r = crow.contiguous();
-    for (int64_t o = 0; o < out; ++o) {
-      std::vector<int64_t> cnt(in_features / nm_m, 0);
-      for (int64_t q = r.data_ptr<int32_t>()[o]; q < r.data_ptr<int32_t>()[o + 1]; ++q)
-        ++cnt[(c.scalar_type() == at::kShort ? int64_t(c.data_ptr<int16_t>()[q]) : int64_t(c.data_ptr<int32_t>()[q])) /
-              nm_m];
-      for (size_t gi = 0; gi < cnt.size(); ++gi)
-        TORCH_CHECK(cnt[gi] == nm_n, op, ": the pattern is not ", nm_n, ":", nm_m, ": row ", o, ", group ", gi,
-                    " has ", cnt[gi], " non-zeros");
-    }
-  }
+  if (units.budget == Budget::nm) check_nm_pattern("csr_drop_grow_adapt_: ", crow, col, in_features, nm_n, nm_m);
   std::tuple<at::Tensor, at::Tensor> res;
   dispatch_types(theta.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
     using V = typename decltype(vt)::type;

@@ -209,6 +209,15 @@ def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
     return torch.ops.seft.csr_slot_union(crow, col, slots, positions, in_features)
 
 
+def csr_check_nm(crow: Tensor, col: Tensor, in_features: int, n: int, m: int) -> None:
+    """Raises ValueError unless the CSR pattern is N:M: every group of ``m`` consecutive inputs
+    of every row holds exactly ``n`` non-zeros ("the base is not N:M: row R, group G has C
+    non-zeros"), or when ``1 <= n <= m`` fails or ``m`` does not divide ``in_features``. CUDA
+    patterns are checked on host copies."""
+    _lib.require_library()
+    torch.ops.seft.csr_check_nm(crow, col, in_features, n, m)
+
+
 if _lib.load_error is None:
 
     @torch.library.register_fake("seft::csr_slot_union")
@@ -217,6 +226,11 @@ if _lib.load_error is None:
         n = slots.shape[0] + positions.shape[0]
         return crow.new_empty(crow.shape), col.new_empty((n,)), slots.new_empty(slots.shape), \
             positions.new_empty(positions.shape)
+
+    @torch.library.register_fake("seft::csr_check_nm")
+    def _csr_check_nm_fake(crow, col, in_features, n, m):
+        _same_device("csr_check_nm", crow=crow, col=col)
+        return None
 
     @torch.library.register_fake("seft::csr_grow_scan")
     def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget="layer",
