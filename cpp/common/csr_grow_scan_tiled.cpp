@@ -1,7 +1,8 @@
 // csr_grow_scan from ATen ops only, on any device: the exact scan (no sketch), for the
-// layer and row budgets. The CUDA build runs it as csr_grow_scan's CUDA kernel (one GEMM per
-// row tile on cuBLAS, selections with topk / sort); the CPU registers it as
-// csr_grow_scan_tiled so that tests compare it with the CPU kernel on identical inputs.
+// layer and row budgets. The CUDA build runs it as csr_grow_scan's CUDA kernel
+// (cpp/cuda/csr_grow_scan_cuda.cu: one GEMM per row tile on cuBLAS, selections with topk /
+// sort); the CPU registers it as csr_grow_scan_tiled so that tests compare it with the CPU
+// kernel on identical inputs.
 //
 // Same selection as the CPU kernel: grow candidates are the num_grow largest |G| outside the
 // delta (inactive positions only when grow_inactive); prune candidates the base-only positions

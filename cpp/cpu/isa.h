@@ -1,5 +1,5 @@
 // CPU kernels are compiled once per instruction set (isa_base.cpp, isa_avx2.cpp) and the
-// op wrappers pick one at run time.
+// op wrappers (csr_*_cpu.cpp) call the one in use (isa.cpp: active_isa, the cpu_isa op).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
