@@ -26,8 +26,8 @@ void check_nm_typed(const char* prefix, const int32_t* crow, const I* col, int64
     std::fill(cnt.begin(), cnt.end(), 0);
     for (int64_t q = crow[o]; q < crow[o + 1]; ++q) ++cnt[int64_t(col[q]) / m];
     for (size_t g = 0; g < cnt.size(); ++g)
-      TORCH_CHECK_VALUE(cnt[g] == n, prefix, "the base is not ", n, ":", m, ": row ", o, ", group ", g, " has ",
-                        cnt[g], " non-zeros");
+      TORCH_CHECK_VALUE(cnt[g] == n, prefix, "the base is not ", n, ":", m, ": row ", o, ", group ", g, " has ", cnt[g],
+                        " non-zeros");
   }
 }
 
@@ -38,10 +38,11 @@ void check_nm_pattern(const char* prefix, const at::Tensor& crow, const at::Tens
   check_nm_args(prefix, in, n, m);
   const at::Tensor r = crow.contiguous(), c = col.contiguous();
   const int64_t out = r.numel() - 1;
-  if (c.scalar_type() == at::kShort)
+  if (c.scalar_type() == at::kShort) {
     check_nm_typed(prefix, r.data_ptr<int32_t>(), c.data_ptr<int16_t>(), out, in, n, m);
-  else
+  } else {
     check_nm_typed(prefix, r.data_ptr<int32_t>(), c.data_ptr<int32_t>(), out, in, n, m);
+  }
 }
 
 namespace {

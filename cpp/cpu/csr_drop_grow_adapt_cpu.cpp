@@ -84,9 +84,7 @@ Layer<V, I> read_layer(const at::Tensor& crow_t, const at::Tensor& col_t, const 
   return L;
 }
 
-struct Counts {
-  int64_t dropped = 0, grown = 0, reactivated = 0, pruned = 0, undropped = 0;
-};
+struct Counts { int64_t dropped = 0, grown = 0, reactivated = 0, pruned = 0, undropped = 0; };
 
 // ---------------------------------------------------------------- 1. drop
 struct Drops {
@@ -167,9 +165,7 @@ bool key_higher(const Key& a, const Key& b) { return higher({a.score, a.pos}, {b
 
 // A unit's run [begin, end) of a list grouped by unit; next: the next entry to take;
 // [next, sorted) is sorted already.
-struct Range {
-  int64_t begin, end, next, sorted;
-};
+struct Range { int64_t begin, end, next, sorted; };
 using UnitRanges = std::unordered_map<int64_t, Range>;
 
 // The runs of equal unit in a list of n entries grouped by ascending unit (the tracked
@@ -421,9 +417,9 @@ template <typename V, typename I>
 CsrBuilder<V, I> rebuild_csr(const Layer<V, I>& L, const Changes& ch, const Units& units) {
   CsrBuilder<V, I> b(L, ch);
   for (int64_t r = 0; r < L.out; ++r) b.build_row(r);
-  TORCH_INTERNAL_ASSERT(b.w == L.K && b.rp == static_cast<int64_t>(ch.removed.size()) &&
-                            b.a == static_cast<int64_t>(ch.added.size()),
-                        "csr_drop_grow_adapt_: budget not kept (", b.w, " of ", L.K, " non-zeros)");
+  TORCH_INTERNAL_ASSERT(
+      b.w == L.K && b.rp == static_cast<int64_t>(ch.removed.size()) && b.a == static_cast<int64_t>(ch.added.size()),
+      "csr_drop_grow_adapt_: budget not kept (", b.w, " of ", L.K, " non-zeros)");
   if (units.budget != Budget::layer) {
     for (int64_t r = 0; r <= L.out; ++r)
       TORCH_INTERNAL_ASSERT(b.crow[r] == L.crow[r], "csr_drop_grow_adapt_: a row budget changed");
@@ -511,19 +507,19 @@ void check_delta(const char* op, const at::Tensor& delta, int64_t k, int64_t num
 
 // tracked: 1-D int64, strictly increasing, in [0, out * in); gsum: finite, one per position.
 void check_tracked(const char* op, const at::Tensor& tracked, const at::Tensor& gsum, int64_t out, int64_t in) {
-  TORCH_CHECK(tracked.defined() && tracked.dim() == 1 && tracked.scalar_type() == at::kLong &&
-                  tracked.device().is_cpu(),
-              op, ": tracked must be a 1-D int64 CPU tensor");
+  TORCH_CHECK(
+      tracked.defined() && tracked.dim() == 1 && tracked.scalar_type() == at::kLong && tracked.device().is_cpu(), op,
+      ": tracked must be a 1-D int64 CPU tensor");
   TORCH_CHECK(gsum.defined() && gsum.dim() == 1 && gsum.numel() == tracked.numel() && gsum.is_floating_point() &&
                   gsum.device().is_cpu(),
-              op, ": gsum must be a 1-D floating CPU tensor with one value per tracked position (",
-              tracked.numel(), ")");
+              op, ": gsum must be a 1-D floating CPU tensor with one value per tracked position (", tracked.numel(),
+              ")");
   TORCH_CHECK(at::isfinite(gsum).all().item<bool>(), op, ": gsum contains NaN or Inf");
   const at::Tensor t = tracked.contiguous();
   const int64_t* p = t.data_ptr<int64_t>();
   for (int64_t i = 0; i < t.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < out * in, op, ": tracked[", i, "] = ", p[i], " is out of range [0, out * in = ",
-                out * in, ")");
+    TORCH_CHECK(p[i] >= 0 && p[i] < out * in, op, ": tracked[", i, "] = ", p[i],
+                " is out of range [0, out * in = ", out * in, ")");
     TORCH_CHECK(i == 0 || p[i] > p[i - 1], op, ": tracked positions must be strictly increasing, but tracked[", i,
                 "] = ", p[i], " follows ", p[i - 1]);
   }

@@ -111,10 +111,9 @@ at::Tensor sketch_tokens(const at::Tensor& t, at::ScalarType acc, int64_t rows, 
 
 // dY^T rows are the tile's output rows; X stays (T, in). Both in the accumulation dtype,
 // and with a sketch, (sketch, .) CountSketches of the tokens instead.
-ScanInput prepare_scan(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
-                       const at::Tensor& col, const at::Tensor& theta, const at::Tensor& delta_slots,
-                       int64_t num_grow, int64_t num_prune, const Units& units, bool grow_inactive, int64_t sketch,
-                       int64_t seed) {
+ScanInput prepare_scan(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                       const at::Tensor& theta, const at::Tensor& delta_slots, int64_t num_grow, int64_t num_prune,
+                       const Units& units, bool grow_inactive, int64_t sketch, int64_t seed) {
   ScanInput s{crow.contiguous(), col.contiguous(), theta.contiguous(), delta_slots.contiguous(), {}, {}, units};
   s.in = x.size(-1);
   s.out = crow.numel() - 1;
@@ -136,8 +135,7 @@ ScanInput prepare_scan(const at::Tensor& grad_out, const at::Tensor& x, const at
   s.X = X;
   s.dyT = dY.t().contiguous();
   s.Ts = X.size(0);
-  s.tile_rows =
-      std::max<int64_t>(1, std::min<int64_t>(s.out, kTileBytes / std::max<int64_t>(1, s.in * s.esize)));
+  s.tile_rows = std::max<int64_t>(1, std::min<int64_t>(s.out, kTileBytes / std::max<int64_t>(1, s.in * s.esize)));
   s.row_cap = (units.budget == Budget::row && s.out > 0) ? (num_prune + s.out - 1) / s.out : 0;
   s.prune_cap = units.budget == Budget::layer ? num_prune : 0;
   const int64_t x_copy = x.scalar_type() == s.acc && x.is_contiguous() ? 0 : s.T * s.in * s.esize;
@@ -168,14 +166,12 @@ struct SampleGrid {
 
 SampleGrid plan_sample(const ScanInput& s) {
   const int64_t eligible = s.eligible();
-  const double rarest =
-      std::min(s.num_grow > 0 ? double(s.num_grow) / std::max<int64_t>(1, eligible) : 1.0,
-               s.prune_cap > 0 ? double(s.prune_cap) / std::max<int64_t>(1, s.nnz - s.k) : 1.0);
+  const double rarest = std::min(s.num_grow > 0 ? double(s.num_grow) / std::max<int64_t>(1, eligible) : 1.0,
+                                 s.prune_cap > 0 ? double(s.prune_cap) / std::max<int64_t>(1, s.nnz - s.k) : 1.0);
   const double want_entries = std::max(16384.0, kSampleHits / std::max(rarest, 1e-12));
   const bool on = (s.num_grow > 0 || s.prune_cap > 0) && want_entries * 4 <= double(s.out) * double(s.in);
-  const int64_t rows = on ? std::min<int64_t>(s.out, std::max<int64_t>(
-                                                         1, std::llround(std::sqrt(want_entries * s.out / s.in))))
-                          : 0;
+  const int64_t rows =
+      on ? std::min<int64_t>(s.out, std::max<int64_t>(1, std::llround(std::sqrt(want_entries * s.out / s.in)))) : 0;
   const int64_t cols = on ? std::min<int64_t>(s.in, static_cast<int64_t>(std::ceil(want_entries / rows))) : 0;
   return {on, rows, cols};
 }
@@ -183,9 +179,9 @@ SampleGrid plan_sample(const ScanInput& s) {
 // Scores on a grid sample (rows x cols, both sorted; Gs = G there): |G| of grow-eligible
 // positions, |theta * G| of base-only ones.
 template <typename A, typename V, typename I>
-void sample_scores(const A* Gs, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
-                   const int32_t* crow, const I* col, const V* theta, const int64_t* dslots, int64_t k,
-                   bool grow_inactive, std::vector<double>& grow, std::vector<double>& prune) {
+void sample_scores(const A* Gs, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, const int32_t* crow,
+                   const I* col, const V* theta, const int64_t* dslots, int64_t k, bool grow_inactive,
+                   std::vector<double>& grow, std::vector<double>& prune) {
   const int64_t nc = cols.size();
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t r = rows[i];
@@ -232,22 +228,21 @@ Bars sample_bars_typed(const ScanInput& s, const SampleGrid& grid, int64_t seed)
   Bars bars;
   const std::vector<int64_t> rows = stratified(grid.rows, s.out, seed * 2 + 1);
   const std::vector<int64_t> cols = stratified(grid.cols, s.in, seed * 2 + 2);
-  const at::Tensor Gs = at::mm(s.dyT.index_select(0, at::tensor(rows, at::kLong)),
-                               s.X.index_select(1, at::tensor(cols, at::kLong)))
-                            .contiguous();
+  const at::Tensor Gs =
+      at::mm(s.dyT.index_select(0, at::tensor(rows, at::kLong)), s.X.index_select(1, at::tensor(cols, at::kLong)))
+          .contiguous();
   std::vector<double> sg, sp;
   const int32_t* crow = s.crow.data_ptr<int32_t>();
   const I* col = s.col.data_ptr<I>();
   const V* theta = s.theta.data_ptr<V>();
   const int64_t* dslots = s.dslots.data_ptr<int64_t>();
   if (s.acc == at::kDouble)
-    sample_scores<double, V, I>(Gs.data_ptr<double>(), rows, cols, crow, col, theta, dslots, s.k, s.grow_inactive,
-                                sg, sp);
+    sample_scores<double, V, I>(Gs.data_ptr<double>(), rows, cols, crow, col, theta, dslots, s.k, s.grow_inactive, sg,
+                                sp);
   else
     sample_scores<float, V, I>(Gs.data_ptr<float>(), rows, cols, crow, col, theta, dslots, s.k, s.grow_inactive, sg,
                                sp);
-  bars.sample_bytes = Gs.numel() * s.esize +
-                      static_cast<int64_t>((sg.capacity() + sp.capacity()) * sizeof(double)) +
+  bars.sample_bytes = Gs.numel() * s.esize + static_cast<int64_t>((sg.capacity() + sp.capacity()) * sizeof(double)) +
                       (grid.rows + grid.cols) * 8;
   for (double v : sg) bars.finite = bars.finite && std::isfinite(v);
   if (!bars.finite) return bars;
@@ -483,9 +478,9 @@ Merged merge_pools(const std::vector<ThreadState>& states, const ScanInput& s) {
   }
   for (const Cand& c : prune_all) m.tracked.emplace_back(c.pos, c.g);
   radix_sort_by_key(m.tracked, s.out * s.in);
-  m.tracked.erase(std::unique(m.tracked.begin(), m.tracked.end(),
-                              [](const auto& a, const auto& b) { return a.first == b.first; }),
-                  m.tracked.end());
+  m.tracked.erase(
+      std::unique(m.tracked.begin(), m.tracked.end(), [](const auto& a, const auto& b) { return a.first == b.first; }),
+      m.tracked.end());
   return m;
 }
 
@@ -495,8 +490,8 @@ Merged merge_pools(const std::vector<ThreadState>& states, const ScanInput& s) {
 // the result (n entries).
 int64_t workspace_bytes(const ScanInput& s, const Bars& bars, const Merged& m, int64_t n) {
   const int64_t operands = s.sketched ? s.Ts * (s.in + 2 * s.out) * s.esize : s.T * s.out * s.esize;
-  return s.copy_bytes + operands + s.tile_rows * s.in * s.esize + m.pool_bytes + bars.sample_bytes +
-         n * (8 + s.esize) + static_cast<int64_t>(m.tracked.capacity() * sizeof(m.tracked[0]));
+  return s.copy_bytes + operands + s.tile_rows * s.in * s.esize + m.pool_bytes + bars.sample_bytes + n * (8 + s.esize) +
+         static_cast<int64_t>(m.tracked.capacity() * sizeof(m.tracked[0]));
 }
 
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cpu(
@@ -508,8 +503,8 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cpu(
   const int64_t in = x.size(-1);
   check_evolve_args(op, crow, col, theta, delta_slots, in);
   TORCH_CHECK(sketch >= 0, op, ": sketch must be >= 0 (0: the exact gradient), got ", sketch);
-  TORCH_CHECK(num_grow >= 0 && num_prune >= 0, op, ": num_grow and num_prune must be >= 0, got ", num_grow,
-              " and ", num_prune);
+  TORCH_CHECK(num_grow >= 0 && num_prune >= 0, op, ": num_grow and num_prune must be >= 0, got ", num_grow, " and ",
+              num_prune);
   const Units units{parse_budget(op, std::string(budget), nm_n, nm_m, in), in, nm_m};
   const ScanInput s =
       prepare_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, units, grow_inactive, sketch, seed);

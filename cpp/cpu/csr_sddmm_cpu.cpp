@@ -13,8 +13,8 @@
 namespace seft::cpu {
 namespace {
 
-at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
-                         const at::Tensor& col, const std::optional<at::Tensor>& slots) {
+at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                         const std::optional<at::Tensor>& slots) {
   const char* op = "csr_sddmm";
   check_sddmm_args(op, grad_out, x, crow, col, slots, /*check_offsets=*/true);
   at::Tensor s;

@@ -12,8 +12,8 @@
 namespace seft::cpu {
 namespace {
 
-at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                        const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                        const std::optional<at::Tensor>& bias) {
   check_spmm_args("csr_spmm", x, crow, col, values, bias, /*check_offsets=*/true);
   std::optional<at::Tensor> b;
   if (bias && bias->defined()) b = bias->contiguous();

@@ -12,8 +12,8 @@ namespace {
 at::Tensor csr_spmm_t_cpu(const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
                           const at::Tensor& values, int64_t in_features) {
   check_spmm_t_args("csr_spmm_t", grad_out, crow, col, values, in_features, /*check_offsets=*/true);
-  at::Tensor dx = active_isa().spmm_t(as_2d(grad_out), crow.contiguous(), col.contiguous(), values.contiguous(),
-                                      in_features);
+  at::Tensor dx =
+      active_isa().spmm_t(as_2d(grad_out), crow.contiguous(), col.contiguous(), values.contiguous(), in_features);
   return dx.view(with_last(grad_out.sizes(), in_features));
 }
 

@@ -4,8 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common/csr_tile_index.h"
 #include "common/checks.h"
+#include "common/csr_tile_index.h"
 
 namespace seft::cpu {
 namespace {
@@ -25,10 +25,11 @@ at::Tensor csr_tile_ptr_cpu(const at::Tensor& crow, const at::Tensor& col, int64
   check_cols_cpu(op, crow_c, col_c, in_features);
   const int64_t out = crow_c.numel() - 1, width = tile_ptr_width(in_features, tile);
   at::Tensor tp = at::empty({out, width}, crow_c.options());
-  if (col_c.scalar_type() == at::kShort)
+  if (col_c.scalar_type() == at::kShort) {
     fill(crow_c.data_ptr<int32_t>(), col_c.data_ptr<int16_t>(), tp.data_ptr<int32_t>(), out, width, tile);
-  else
+  } else {
     fill(crow_c.data_ptr<int32_t>(), col_c.data_ptr<int32_t>(), tp.data_ptr<int32_t>(), out, width, tile);
+  }
   return tp;
 }
 

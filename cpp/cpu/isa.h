@@ -11,14 +11,14 @@ namespace seft::cpu {
 struct IsaKernels {
   const char* name;
   // x: (T, in) contiguous; returns (T, out) in x's dtype.
-  at::Tensor (*spmm)(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& values, const std::optional<at::Tensor>& bias);
+  at::Tensor (*spmm)(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     const std::optional<at::Tensor>& bias);
   // dy: (T, out) contiguous; returns (T, in_features) in dy's dtype.
-  at::Tensor (*spmm_t)(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
-                       const at::Tensor& values, int64_t in_features);
+  at::Tensor (*spmm_t)(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                       int64_t in_features);
   // dy: (T, out), x: (T, in) contiguous; slots undefined -> every non-zero.
-  at::Tensor (*sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
-                      const at::Tensor& col, const at::Tensor& slots);
+  at::Tensor (*sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                      const at::Tensor& slots);
 };
 
 namespace base { extern const IsaKernels kernels; }

@@ -68,24 +68,24 @@ __global__ void check_slots_kernel(const int64_t* slots, int64_t n, int64_t nnz,
 }  // namespace
 
 // crow / col (and slots when defined) are contiguous and on the current device.
-void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in,
-                     const at::Tensor& slots, const std::function<void()>& before_sync) {
+void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in, const at::Tensor& slots,
+                     const std::function<void()>& before_sync) {
   const int64_t out = crow.numel() - 1, nnz = col.numel();
   at::Tensor flag = at::full({2}, kNoError, crow.options().dtype(at::kLong));
   auto* f = reinterpret_cast<unsigned long long*>(flag.data_ptr<int64_t>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t rows = std::max<int64_t>(out, 1);
   if (col.scalar_type() == at::kShort) {
-    check_csr_kernel<int16_t><<<blocks_for(rows), kBlock, 0, stream>>>(
-        crow.data_ptr<int32_t>(), col.data_ptr<int16_t>(), out, nnz, in, f);
+    check_csr_kernel<int16_t>
+        <<<blocks_for(rows), kBlock, 0, stream>>>(crow.data_ptr<int32_t>(), col.data_ptr<int16_t>(), out, nnz, in, f);
   } else {
-    check_csr_kernel<int32_t><<<blocks_for(rows), kBlock, 0, stream>>>(
-        crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), out, nnz, in, f);
+    check_csr_kernel<int32_t>
+        <<<blocks_for(rows), kBlock, 0, stream>>>(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), out, nnz, in, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (slots.defined() && slots.numel() > 0) {
-    check_slots_kernel<<<blocks_for(slots.numel()), kBlock, 0, stream>>>(slots.data_ptr<int64_t>(),
-                                                                        slots.numel(), nnz, f + 1);
+    check_slots_kernel<<<blocks_for(slots.numel()), kBlock, 0, stream>>>(slots.data_ptr<int64_t>(), slots.numel(), nnz,
+                                                                         f + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (before_sync) before_sync();
@@ -113,8 +113,7 @@ at::Tensor checked_tile_ptr(const char* op, const at::Tensor& crow, const at::Te
                             const at::Tensor& col_c, int64_t in) {
   at::Tensor tp = checked_structure(crow, col, in, [&] {
     at::Tensor built;
-    check_on_device(op, crow_c, col_c, in, at::Tensor(),
-                    [&] { built = build_tile_ptr(crow_c, col_c, in, kColTile); });
+    check_on_device(op, crow_c, col_c, in, at::Tensor(), [&] { built = build_tile_ptr(crow_c, col_c, in, kColTile); });
     return built;
   });
   // used on another stream than it was allocated on: the allocator must not reuse it early

@@ -24,8 +24,8 @@ void csr_adopt_pattern_cuda(const at::Tensor& crow, const at::Tensor& col, int64
   if (slots && slots->defined()) remember_slots(*slots, col.numel());
   const c10::cuda::CUDAGuard guard(crow.device());
   // queued after the caller's uploads on this stream: the index is built from the new pattern
-  remember_structure(crow, col, in_features, build_tile_ptr(crow.contiguous(), col.contiguous(), in_features,
-                                                            kColTile));
+  remember_structure(crow, col, in_features,
+                     build_tile_ptr(crow.contiguous(), col.contiguous(), in_features, kColTile));
 }
 
 }  // namespace

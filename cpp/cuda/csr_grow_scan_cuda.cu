@@ -27,8 +27,8 @@ void check_pattern(const char* op, const at::Tensor& crow, const at::Tensor& col
                    const at::Tensor& slots, int64_t in, const at::Device& device) {
   TORCH_CHECK(theta.defined(), op, ": theta must be a tensor");
   check_csr(op, crow, col, &theta, device, /*check_offsets=*/false);
-  TORCH_CHECK(slots.defined() && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.device() == device,
-              op, ": delta_slots must be a 1-D int64 tensor on ", device);
+  TORCH_CHECK(slots.defined() && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.device() == device, op,
+              ": delta_slots must be a 1-D int64 tensor on ", device);
   TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
   // through the structure cache: the layer's own pattern and slots are usually checked already
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), slots_c = slots.contiguous();
@@ -36,9 +36,11 @@ void check_pattern(const char* op, const at::Tensor& crow, const at::Tensor& col
   checked_slots(slots, col.numel(), [&] { check_on_device(op, crow_c, col_c, in, slots_c); });
 }
 
-using ScanSig = std::tuple<at::Tensor, at::Tensor, int64_t, bool>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    int64_t, int64_t, c10::string_view, int64_t, int64_t, bool, int64_t, int64_t);
+using ScanSig = std::tuple<at::Tensor, at::Tensor, int64_t, bool>(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&, int64_t,
+                                                                  int64_t, c10::string_view, int64_t, int64_t, bool,
+                                                                  int64_t, int64_t);
 
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -58,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_cuda(
   }
   // nm (or a bad budget, which the CPU kernel rejects with its message): on the host.
   static const auto cpu_op = find_op<ScanSig>("seft::csr_grow_scan");
-  auto [pos, g, bytes, finite] = cpu_op.call(grad_out.cpu(), x.cpu(), crow.cpu(), col.cpu(), theta.cpu(),
-                                             delta_slots.cpu(), num_grow, num_prune, budget, nm_n, nm_m,
-                                             grow_inactive, 0, seed);
+  auto [pos, g, bytes, finite] =
+      cpu_op.call(grad_out.cpu(), x.cpu(), crow.cpu(), col.cpu(), theta.cpu(), delta_slots.cpu(), num_grow, num_prune,
+                  budget, nm_n, nm_m, grow_inactive, 0, seed);
   return {pos.to(x.device()), g.to(x.device()), bytes, finite};
 }
 

@@ -39,9 +39,8 @@ namespace {
 // g[s] = sum_t dy[t, row(p)] * x[t, col(p)], p = slots ? slots[s] : s.
 template <typename A, typename V, typename I>
 __global__ void warp_sddmm_kernel(const int32_t* __restrict__ crow, const I* __restrict__ col,
-                                  const int64_t* __restrict__ slots, const V* __restrict__ dy,
-                                  const V* __restrict__ x, A* __restrict__ g, int64_t n, int64_t T, int64_t out,
-                                  int64_t in, int64_t nnz) {
+                                  const int64_t* __restrict__ slots, const V* __restrict__ dy, const V* __restrict__ x,
+                                  A* __restrict__ g, int64_t n, int64_t T, int64_t out, int64_t in, int64_t nnz) {
   const int lane = threadIdx.x % kWarp;
   const int64_t nwarps = int64_t(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; s < n; s += nwarps) {
@@ -55,8 +54,7 @@ __global__ void warp_sddmm_kernel(const int32_t* __restrict__ crow, const I* __r
     const int64_t o = lo, c = (p >= 0 && p < nnz) ? static_cast<int64_t>(col[p]) : -1;
     A acc = A(0);
     if (c >= 0 && c < in)
-      for (int64_t t = lane; t < T; t += kWarp)
-        acc += static_cast<A>(dy[t * out + o]) * static_cast<A>(x[t * in + c]);
+      for (int64_t t = lane; t < T; t += kWarp) acc += static_cast<A>(dy[t * out + o]) * static_cast<A>(x[t * in + c]);
     acc = warp_sum(acc);
     if (lane == 0) g[s] = acc;
   }
@@ -85,8 +83,7 @@ at::Tensor warp_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
 
 // ------------------------------------------------------------------ tc_sddmm
 constexpr int kCLd = kBN + 4;  // fp32 C tile of tc_sddmm
-constexpr size_t kSddmmSmem = std::max<size_t>(size_t(kBM) * kCLd * sizeof(float),
-                                               2 * size_t(kBK) * (kBM + kPad) * 2);
+constexpr size_t kSddmmSmem = std::max<size_t>(size_t(kBM) * kCLd * sizeof(float), 2 * size_t(kBK) * (kBM + kPad) * 2);
 
 // grid (ceil(in / 128), ceil(out / 128)); dynamic shared memory kSddmmSmem.
 template <typename T, typename I>
@@ -153,14 +150,14 @@ at::Tensor tc_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
     using I = typename decltype(it)::type;
     auto kernel = tc_sddmm_kernel<T, I>;
     // > 48 KB of dynamic shared memory must be allowed per function (and device): cheap to repeat
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kSddmmSmem)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSddmmSmem)));
     TORCH_CHECK((out + kBM - 1) / kBM <= 65535, "seft: csr_sddmm: too many rows for the tensor-core kernel");
-    kernel<<<dim3(static_cast<unsigned>((in + kBN - 1) / kBN), static_cast<unsigned>((out + kBM - 1) / kBM)),
-             kThreads, kSddmmSmem, stream>>>(
-        static_cast<const T*>(dy.const_data_ptr()), static_cast<const T*>(x.const_data_ptr()),
-        tile_ptr.const_data_ptr<int32_t>(), tile_ptr.size(1), col.const_data_ptr<I>(), g.data_ptr<float>(), T_, in,
-        out, nnz, vec_dy, vec_x);
+    kernel<<<dim3(static_cast<unsigned>((in + kBN - 1) / kBN), static_cast<unsigned>((out + kBM - 1) / kBM)), kThreads,
+             kSddmmSmem, stream>>>(static_cast<const T*>(dy.const_data_ptr()),
+                                   static_cast<const T*>(x.const_data_ptr()), tile_ptr.const_data_ptr<int32_t>(),
+                                   tile_ptr.size(1), col.const_data_ptr<I>(), g.data_ptr<float>(), T_, in, out, nnz,
+                                   vec_dy, vec_x);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return g;

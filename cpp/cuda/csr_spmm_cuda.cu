@@ -36,9 +36,9 @@ namespace {
 
 // ------------------------------------------------------------------ rows_spmm
 template <typename A, typename V, typename I, int G>
-__global__ void rows_spmm_kernel(const int32_t* __restrict__ crow, const I* __restrict__ col,
-                                 const V* __restrict__ val, const V* __restrict__ x, const V* __restrict__ bias,
-                                 V* __restrict__ y, int64_t T, int64_t rows, int64_t in, int64_t nnz) {
+__global__ void rows_spmm_kernel(const int32_t* __restrict__ crow, const I* __restrict__ col, const V* __restrict__ val,
+                                 const V* __restrict__ x, const V* __restrict__ bias, V* __restrict__ y, int64_t T,
+                                 int64_t rows, int64_t in, int64_t nnz) {
   const int lane = threadIdx.x % kWarp;
   const int64_t nwarps = int64_t(gridDim.x) * (blockDim.x / kWarp);
   const int64_t items = (T + G - 1) / G * rows;
@@ -173,20 +173,19 @@ __global__ void __launch_bounds__(kThreads) tc_spmm_kernel(const T* __restrict__
   a.init(crow, out, nnz, o0);
   FragC acc[2][4];
   zero(acc);
-  slice_loop(
-      (in + kBK - 1) / kBK,
-      [&](int64_t s) {
-        a.fetch(col, val, s * kBK, in);
-        b.fetch(x, T_, in, in, t0, s * kBK, vec);
-      },
-      [&] {
-        a.store(sa);
-        b.store(sb);
-      },
-      [&] {
-        mma_slice<T, wmma::row_major, wmma::col_major>(acc, sa, RowCursorSlice<T, I>::kLd, sb, TokenSlice<T>::kLd,
-                                                        w);
-      });
+  slice_loop((in + kBK - 1) / kBK,
+             [&](int64_t s) {
+               a.fetch(col, val, s * kBK, in);
+               b.fetch(x, T_, in, in, t0, s * kBK, vec);
+             },
+             [&] {
+               a.store(sa);
+               b.store(sb);
+             },
+             [&] {
+               mma_slice<T, wmma::row_major, wmma::col_major>(acc, sa, RowCursorSlice<T, I>::kLd, sb,
+                                                              TokenSlice<T>::kLd, w);
+             });
   store_transposed(acc, scratch[w.id], y, bias, out, T_, o0, t0, w);
 }
 
@@ -211,8 +210,8 @@ at::Tensor tc_spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor
 }
 
 // ------------------------------------------------------------------ the op
-at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                         const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                         const std::optional<at::Tensor>& bias) {
   const char* op = "csr_spmm";
   const NvtxRange range("seft::csr_spmm");
   check_spmm_args(op, x, crow, col, values, bias, /*check_offsets=*/false);
@@ -224,7 +223,7 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::
   if (bias && bias->defined()) b = bias->contiguous();
   const at::Tensor x2 = as_2d(x);
   at::Tensor y = use_tensor_cores(val.scalar_type(), x2.size(0)) ? tc_spmm(x2, crow_c, col_c, val, b, out)
-                                                                  : rows_spmm(x2, crow_c, col_c, val, b, out);
+                                                                 : rows_spmm(x2, crow_c, col_c, val, b, out);
   return y.view(with_last(x.sizes(), out));
 }
 

@@ -65,8 +65,7 @@ __global__ void __launch_bounds__(kBlock) cols_spmm_t_kernel(const V* __restrict
       lo[k] = ok < r1 ? clamp_offset(tile_ptr[ok * width + tile], 0, nnz) : 0;
       hi[k] = ok < r1 ? clamp_offset(tile_ptr[ok * width + tile + 1], lo[k], nnz) : 0;
 #pragma unroll
-      for (int t = 0; t < G; ++t)
-        d[k][t] = (lo[k] < hi[k] && t < nt) ? static_cast<A>(dy[(t0 + t) * out + ok]) : A(0);
+      for (int t = 0; t < G; ++t) d[k][t] = (lo[k] < hi[k] && t < nt) ? static_cast<A>(dy[(t0 + t) * out + ok]) : A(0);
     }
 #pragma unroll
     for (int q = 0; q < kColTile / kWarp; ++q) {  // a row has at most kColTile non-zeros in a tile
@@ -132,8 +131,8 @@ at::Tensor cols_spmm_t(const at::Tensor& dy, const at::Tensor& tile_ptr, const a
     auto launch = [&](auto g) {
       constexpr int G = decltype(g)::value;
       const int64_t tiles = (in + kColTile - 1) / kColTile, groups = (T + G - 1) / G;
-      TORCH_CHECK(tiles <= 65535, "seft: csr_spmm_t: more than 8.4 M input features for the CUDA-core kernel (",
-                  in, ")");
+      TORCH_CHECK(tiles <= 65535, "seft: csr_spmm_t: more than 8.4 M input features for the CUDA-core kernel (", in,
+                  ")");
       // Split the rows until each SM has ~3 blocks (what fits at ~80-128 registers a thread;
       // each warp keeps R rows' loads in flight), keeping >= 32 rows per split; the splits'
       // partials are summed in a fixed order.
@@ -150,8 +149,8 @@ at::Tensor cols_spmm_t(const at::Tensor& dy, const at::Tensor& tile_ptr, const a
           col.numel(), rows_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (splits > 1) {
-        sum_splits_kernel<A, V><<<blocks_for(T * in), kBlock, 0, stream>>>(partial.const_data_ptr<A>(),
-                                                                            dx.data_ptr<V>(), T * in, splits);
+        sum_splits_kernel<A, V>
+            <<<blocks_for(T * in), kBlock, 0, stream>>>(partial.const_data_ptr<A>(), dx.data_ptr<V>(), T * in, splits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };
@@ -226,20 +225,19 @@ __global__ void __launch_bounds__(kThreads) tc_spmm_t_kernel(const T* __restrict
   TokenSlice<T> b;
   FragC acc[2][4];
   zero(acc);
-  slice_loop(
-      (out + kBK - 1) / kBK,
-      [&](int64_t s) {
-        a.fetch(tile_ptr, width, tile, col, val, out, nnz, s * kBK, i0, in);
-        b.fetch(dy, T_, out, out, t0, s * kBK, vec);
-      },
-      [&] {
-        a.store(sa);
-        b.store(sb);
-      },
-      [&] {
-        mma_slice<T, wmma::col_major, wmma::col_major>(acc, sa, ColTileSlice<T, I>::kLd, sb, TokenSlice<T>::kLd,
-                                                        w);
-      });
+  slice_loop((out + kBK - 1) / kBK,
+             [&](int64_t s) {
+               a.fetch(tile_ptr, width, tile, col, val, out, nnz, s * kBK, i0, in);
+               b.fetch(dy, T_, out, out, t0, s * kBK, vec);
+             },
+             [&] {
+               a.store(sa);
+               b.store(sb);
+             },
+             [&] {
+               mma_slice<T, wmma::col_major, wmma::col_major>(acc, sa, ColTileSlice<T, I>::kLd, sb, TokenSlice<T>::kLd,
+                                                              w);
+             });
   store_transposed(acc, scratch[w.id], dx, static_cast<const T*>(nullptr), in, T_, i0, t0, w);
 }
 
@@ -274,7 +272,7 @@ at::Tensor csr_spmm_t_cuda(const at::Tensor& grad_out, const at::Tensor& crow, c
   const at::Tensor tp = checked_tile_ptr(op, crow, col, crow_c, col_c, in_features);
   const at::Tensor dy = as_2d(grad_out);
   at::Tensor dx = use_tensor_cores(val.scalar_type(), dy.size(0)) ? tc_spmm_t(dy, tp, col_c, val, in_features)
-                                                                   : cols_spmm_t(dy, tp, col_c, val, in_features);
+                                                                  : cols_spmm_t(dy, tp, col_c, val, in_features);
   return dx.view(with_last(grad_out.sizes(), in_features));
 }
 

@@ -24,8 +24,8 @@ namespace {
 
 // Runs on a checked pattern only (the miss path of the structure check).
 template <typename I>
-__global__ void tile_ptr_kernel(const int32_t* __restrict__ crow, const I* __restrict__ col,
-                                int32_t* __restrict__ tp, int64_t out, int64_t width, int64_t tile) {
+__global__ void tile_ptr_kernel(const int32_t* __restrict__ crow, const I* __restrict__ col, int32_t* __restrict__ tp,
+                                int64_t out, int64_t width, int64_t tile) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < out * width; e += stride)
     tp[e] = tile_ptr_entry(crow, col, e / width, e % width, tile);

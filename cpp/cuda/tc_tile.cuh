@@ -100,8 +100,7 @@ struct Warp {
 // acc[i][j] += A(32 x 16 band) * B(16 x 64 band), for both 16-deep halves of a 32-deep slice.
 // A(m, k) at a[m * a_rs + k * a_cs], B(k, n) at b[k * b_rs + n * b_cs] (one of each stride is 1).
 template <typename T, typename LayA, typename LayB>
-__device__ __forceinline__ void mma_slice(FragC (&acc)[2][4], const T* a, int lda, const T* b, int ldb,
-                                          const Warp& w) {
+__device__ __forceinline__ void mma_slice(FragC (&acc)[2][4], const T* a, int lda, const T* b, int ldb, const Warp& w) {
   constexpr bool a_row = std::is_same<LayA, wmma::row_major>::value;
   constexpr bool b_row = std::is_same<LayB, wmma::row_major>::value;
 #pragma unroll
