@@ -1,5 +1,6 @@
-// The one schema block of the `seft` operator namespace. Kernels register per device in
-// cpp/cpu/*.cpp (TORCH_LIBRARY_IMPL(seft, CPU)) and cpp/cuda/*.cu (TORCH_LIBRARY_IMPL(seft, CUDA)).
+// The one schema block of the `seft` operator namespace. Each op registers its kernels in its
+// own files: cpp/cpu/<op>_cpu.cpp (TORCH_LIBRARY_IMPL(seft, CPU)) and cpp/cuda/<op>_cuda.cu
+// (TORCH_LIBRARY_IMPL(seft, CUDA)); ops shared by both devices in cpp/common (cpp/README.md).
 //
 // A CSR weight W of shape (out, in) is (crow, col, values):
 //   crow   int32 [out + 1], crow[0] == 0, non-decreasing, crow[out] == nnz
@@ -24,31 +25,35 @@ TORCH_LIBRARY(seft, m) {
   // --- evolution (cpp/cpu/csr_grow_scan_cpu.cpp, csr_drop_grow_adapt_cpu.cpp, csr_slot_union_cpu.cpp) ---
   // theta: the frozen base values [nnz]; delta_slots: int64, strictly increasing indices of
   // the trainable delta's slots into the CSR arrays. Positions are flat: row * in + col.
-  // scope: "layer", "row" or "nm" (groups of nm_m inputs holding nm_n non-zeros).
+  // budget: the unit that keeps its non-zero count: "layer", "row" or "nm" (groups of nm_m
+  // inputs holding nm_n non-zeros).
   //
   // The first step of a window: streams G = dY^T X through row tiles and returns the
   // tracked positions outside the delta (grow and prune candidates, sorted), G at them,
   // the bytes it held at its peak, and whether G was finite (if not, nothing is tracked).
   // sketch > 0: G estimated from CountSketches of the tokens to that many rows (seeded).
   m.def("csr_grow_scan(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor theta, Tensor delta_slots, "
-        "int num_grow, int num_prune, str scope=\"layer\", int nm_n=2, int nm_m=4, bool grow_inactive=True, "
+        "int num_grow, int num_prune, str budget=\"layer\", int nm_n=2, int nm_m=4, bool grow_inactive=True, "
         "int sketch=0, int seed=0) -> (Tensor, Tensor, int, bool)");
-  // The same scan, exact, from ATen ops only (cpp/tiled): csr_grow_scan's CUDA kernel for
-  // the layer and row scopes; registered on the CPU too, so tests compare it with the CPU
-  // kernel. tile_bytes bounds the one dense tile of G alive at a time.
+  // The same scan, exact, from ATen ops only (cpp/common/csr_grow_scan_tiled.cpp): csr_grow_scan's
+  // CUDA kernel for the layer and row budgets; registered on the CPU too, so tests compare it
+  // with the CPU kernel. tile_bytes bounds the one dense tile of G alive at a time.
   m.def("csr_grow_scan_tiled(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor theta, "
-        "Tensor delta_slots, int num_grow, int num_prune, str scope=\"layer\", bool grow_inactive=True, "
+        "Tensor delta_slots, int num_grow, int num_prune, str budget=\"layer\", bool grow_inactive=True, "
         "int tile_bytes=1048576) -> (Tensor, Tensor, int, bool)");
   // Drop num_drop slots, grow as many at tracked positions, prune base-only positions so
   // every budget unit keeps its count; in place. Returns (remap [k]: old slot or -1,
   // counts [dropped, grown, reactivated, pruned, undropped]).
   m.def("csr_drop_grow_adapt_(Tensor(a!) crow, Tensor(b!) col, Tensor(c!) theta, Tensor(d!) delta_slots, "
-        "Tensor(e!) delta, Tensor tracked, Tensor gsum, int num_drop, int in_features, str scope=\"layer\", "
+        "Tensor(e!) delta, Tensor tracked, Tensor gsum, int num_drop, int in_features, str budget=\"layer\", "
         "int nm_n=2, int nm_m=4, bool grow_inactive=True) -> (Tensor, Tensor)");
   // The CSR pattern of the delta's positions and other sorted positions (disjoint), merged:
   // (crow, col, where each slot landed, where each position landed).
   m.def("csr_slot_union(Tensor crow, Tensor col, Tensor slots, Tensor positions, int in_features) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Raises ValueError unless the pattern is N:M: every group of m consecutive inputs of every row
+  // holds exactly n non-zeros (cpp/common/nm_check.cpp; CUDA patterns are checked on host copies).
+  m.def("csr_check_nm(Tensor crow, Tensor col, int in_features, int n, int m) -> ()");
   // Which CPU kernel set runs ("avx2" or "base"); pass "avx2", "base" or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
   // Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens), or forced

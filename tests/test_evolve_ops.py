@@ -17,7 +17,7 @@ def setup(out=6, inn=8):
 def scan_args(**over):
     base, slots = setup()
     a = dict(grad_out=torch.randn(5, 6), x=torch.randn(5, 8), crow=base.crow, col=base.col, theta=base.values,
-             delta_slots=slots, num_grow=4, num_prune=4, scope="layer", nm_n=2, nm_m=4, grow_inactive=True)
+             delta_slots=slots, num_grow=4, num_prune=4, budget="layer", nm_n=2, nm_m=4, grow_inactive=True)
     a.update(over)
     return a
 
@@ -26,7 +26,7 @@ def dga_args(**over):
     base, slots = setup()
     a = dict(crow=base.crow.clone(), col=base.col.clone(), theta=base.values.clone(), delta_slots=slots.clone(),
              delta=torch.randn(4), tracked=torch.tensor([1, 2, 7, 20, 33]), gsum=torch.randn(5), num_drop=2,
-             in_features=8, scope="layer", nm_n=2, nm_m=4, grow_inactive=True)
+             in_features=8, budget="layer", nm_n=2, nm_m=4, grow_inactive=True)
     a.update(over)
     return a
 
@@ -42,9 +42,9 @@ SCAN_BAD = [
     ({"delta_slots": torch.tensor([0, 99])}, "out of range"),
     ({"delta_slots": torch.tensor([0, 1], dtype=torch.int32)}, "int64"),
     ({"num_grow": -1}, "num_grow"),
-    ({"scope": "block"}, "scope"),
-    ({"scope": "nm", "nm_m": 3}, "divide"),
-    ({"scope": "nm", "nm_n": 5}, "N <= M"),
+    ({"budget": "block"}, "budget must be"),
+    ({"budget": "nm", "nm_m": 3}, "divide"),
+    ({"budget": "nm", "nm_n": 5}, "N <= M"),
     ({"col": torch.tensor([7, 0] + [1] * 22, dtype=torch.int16)}, "sorted"),
 ]
 
@@ -69,7 +69,7 @@ DGA_BAD = [
     ({"num_drop": 5}, "num_drop"),
     ({"num_drop": -1}, "num_drop"),
     ({"in_features": 7}, "out of range"),
-    ({"scope": "nm", "nm_n": 1}, "not 1:4"),
+    ({"budget": "nm", "nm_n": 1}, "the base is not 1:4"),  # ValueError
     ({"crow": torch.tensor([0, 4, 8, 12, 16, 20, 23], dtype=torch.int32)}, "crow"),
 ]
 
@@ -78,7 +78,7 @@ DGA_BAD = [
 def test_drop_grow_adapt_rejects_and_changes_nothing(over, match):
     a = dga_args(**over)
     before = {k: v.clone() for k, v in a.items() if torch.is_tensor(v)}
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
         ops.csr_drop_grow_adapt_(**a)
     for k, v in before.items():
         torch.testing.assert_close(a[k], v, rtol=0, atol=0, equal_nan=True, msg=f"{k} changed by a refused call")

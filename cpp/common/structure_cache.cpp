@@ -23,7 +23,9 @@ struct Stamp {
   uint32_t version;
 
   explicit Stamp(const at::Tensor& t)
-      : impl(t.getIntrusivePtr()), data(t.const_data_ptr()), numel(t.numel()),
+      : impl(t.getIntrusivePtr()),
+        data(t.const_data_ptr()),
+        numel(t.numel()),
         version(t.unsafeGetTensorImpl()->version_counter().current_version()) {}
 
   bool same(const at::Tensor& t) const {

@@ -51,8 +51,8 @@ void sddmm_rows(const Panels& P, const I* col, const A* dyt, const A* xt, int64_
           for (int v = 0; v < NV; ++v) dy[v] = reinterpret_cast<const Vec*>(dyt + o * TB)[v];
           auto xv = [&](int32_t pp) { return reinterpret_cast<const Vec*>(xt + int64_t(col[pp]) * TB); };
           for (; p + 4 <= pe; p += 4)
-            add_hsum4(g + p, dot_vec<A, NV>(dy, xv(p)), dot_vec<A, NV>(dy, xv(p + 1)),
-                      dot_vec<A, NV>(dy, xv(p + 2)), dot_vec<A, NV>(dy, xv(p + 3)));
+            add_hsum4(g + p, dot_vec<A, NV>(dy, xv(p)), dot_vec<A, NV>(dy, xv(p + 1)), dot_vec<A, NV>(dy, xv(p + 2)),
+                      dot_vec<A, NV>(dy, xv(p + 3)));
           for (; p < pe; ++p) g[p] += hsum(dot_vec<A, NV>(dy, xv(p)));
         }
       }
@@ -61,12 +61,12 @@ void sddmm_rows(const Panels& P, const I* col, const A* dyt, const A* xt, int64_
 }
 
 template <typename A, typename I, int TB>
-void sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* slots, const A* dyt,
-                 const A* xt, int64_t s0, int64_t s1, A* g) {
+void sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* slots, const A* dyt, const A* xt,
+                 int64_t s0, int64_t s1, A* g) {
   if (s0 >= s1) return;
   // row of the first slot: the last o with crow[o] <= p (empty rows skipped)
-  int64_t o = int64_t(std::upper_bound(crow, crow + out + 1, slots[s0],
-                                       [](int64_t v, int32_t c) { return v < int64_t(c); }) - crow) - 1;
+  auto below = [](int64_t v, int32_t c) { return v < int64_t(c); };
+  int64_t o = int64_t(std::upper_bound(crow, crow + out + 1, slots[s0], below) - crow) - 1;
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t p = slots[s];
     while (crow[o + 1] <= p) ++o;
@@ -75,8 +75,8 @@ void sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* 
 }
 
 template <typename A, typename V, typename I>
-at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
-                       const at::Tensor& col, const at::Tensor& slots) {
+at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                       const at::Tensor& slots) {
   const int64_t T = dy.size(0), out = dy.size(1), in = x.size(1);
   const bool all = !slots.defined();
   const int64_t n = all ? col.numel() : slots.numel();
@@ -99,7 +99,8 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       pack_t<A, V>(x.data_ptr<V>(), in, t0, nt, TBc, xt.data());
       if (all) {
         at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k) sddmm_rows<A, I, TBc>(P, cl, dyt.data(), xt.data(), parts[k], parts[k + 1], gp);
+          for (int64_t k = b; k < e; ++k)
+            sddmm_rows<A, I, TBc>(P, cl, dyt.data(), xt.data(), parts[k], parts[k + 1], gp);
         });
       } else {
         at::parallel_for(0, n, 2048, [&](int64_t s0, int64_t s1) {

@@ -7,15 +7,15 @@
 
 #include <tuple>
 
-#include "cpu/checks.h"
-#include "cpu/evolve_common.h"
+#include "common/checks.h"
+#include "common/evolve_common.h"
 
 namespace seft::cpu::evolve {
 namespace {
 
 template <typename I>
-void merge_typed(const int32_t* crow, const I* col, const int64_t* slots, int64_t k, const int64_t* pos,
-                 int64_t n, int64_t out, int64_t in, int32_t* ucrow, I* ucol, int64_t* at_slots, int64_t* at_pos) {
+void merge_typed(const int32_t* crow, const I* col, const int64_t* slots, int64_t k, const int64_t* pos, int64_t n,
+                 int64_t out, int64_t in, int32_t* ucrow, I* ucol, int64_t* at_slots, int64_t* at_pos) {
   int64_t s = 0, p = 0, w = 0, r = 0, sr = 0;  // sr: the row of slots[s]; r: rows of ucrow done
   ucrow[0] = 0;
   while (s < k || p < n) {
@@ -35,9 +35,11 @@ void merge_typed(const int32_t* crow, const I* col, const int64_t* slots, int64_
   while (r < out) ucrow[++r] = static_cast<int32_t>(w);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_slot_union_cpu(
-    const at::Tensor& crow_in, const at::Tensor& col_in, const at::Tensor& slots_in, const at::Tensor& pos_in,
-    int64_t in_features) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_slot_union_cpu(const at::Tensor& crow_in,
+                                                                              const at::Tensor& col_in,
+                                                                              const at::Tensor& slots_in,
+                                                                              const at::Tensor& pos_in,
+                                                                              int64_t in_features) {
   const char* op = "csr_slot_union";
   TORCH_CHECK(crow_in.device().is_cpu(), op, ": this op runs on the CPU, crow is on ", crow_in.device());
   check_csr(op, crow_in, col_in, nullptr, crow_in.device(), /*check_offsets=*/true);
@@ -62,12 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_slot_union_cpu(
   at::Tensor at_pos = at::empty({n}, pos.options());
   if (col.scalar_type() == at::kShort) {
     merge_typed<int16_t>(crow.data_ptr<int32_t>(), col.data_ptr<int16_t>(), slots.data_ptr<int64_t>(), k, pp, n, out,
-                         in_features, ucrow.data_ptr<int32_t>(), ucol.data_ptr<int16_t>(),
-                         at_slots.data_ptr<int64_t>(), at_pos.data_ptr<int64_t>());
+                         in_features, ucrow.data_ptr<int32_t>(), ucol.data_ptr<int16_t>(), at_slots.data_ptr<int64_t>(),
+                         at_pos.data_ptr<int64_t>());
   } else {
-    merge_typed<int32_t>(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), slots.data_ptr<int64_t>(), k, pp, n,
-                         out, in_features, ucrow.data_ptr<int32_t>(), ucol.data_ptr<int32_t>(),
-                         at_slots.data_ptr<int64_t>(), at_pos.data_ptr<int64_t>());
+    merge_typed<int32_t>(crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(), slots.data_ptr<int64_t>(), k, pp, n, out,
+                         in_features, ucrow.data_ptr<int32_t>(), ucol.data_ptr<int32_t>(), at_slots.data_ptr<int64_t>(),
+                         at_pos.data_ptr<int64_t>());
   }
   return {ucrow, ucol, at_slots, at_pos};
 }

@@ -82,8 +82,8 @@ void spmv_rows(const int32_t* crow, const I* col, const V* val, const A* x, cons
 }
 
 template <typename A, typename V, typename I>
-at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                      const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias) {
   const int64_t T = x.size(0), in = x.size(1), out = crow.numel() - 1;
   at::Tensor y = at::empty({T, out}, x.options());
   const int64_t TB = token_block(T);
@@ -105,8 +105,11 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
       pack_t<A, V>(xp, in, t0, nt, TBc, xt.data());
       at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) {
-          if constexpr (TBc < VecOf<A>::W) spmv_rows<A, V, I>(cr, cl, vl, xt.data(), bs, parts[k], parts[k + 1], yp + t0 * out);
-          else spmm_rows<A, V, I, TBc>(P, cl, vl, xt.data(), bs, parts[k], parts[k + 1], nt, yp + t0 * out, out);
+          if constexpr (TBc < VecOf<A>::W) {
+            spmv_rows<A, V, I>(cr, cl, vl, xt.data(), bs, parts[k], parts[k + 1], yp + t0 * out);
+          } else {
+            spmm_rows<A, V, I, TBc>(P, cl, vl, xt.data(), bs, parts[k], parts[k + 1], nt, yp + t0 * out, out);
+          }
         }
       });
     }

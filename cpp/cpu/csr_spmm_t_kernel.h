@@ -101,8 +101,8 @@ void spmm_t_panel_bycol(const Panels& P, int64_t q, int64_t w, const I* col, con
 }
 
 template <typename A, typename V, typename I>
-at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
-                        const at::Tensor& values, int64_t in) {
+at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                        int64_t in) {
   const int64_t T = dy.size(0), out = dy.size(1);
   at::Tensor dx = at::empty({T, in}, dy.options());
   const int64_t TB = token_block(T);
@@ -123,8 +123,8 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
           pack_t<A, V>(dyp, out, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, dyt.data() + bl * out * TBc);
         at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
           for (int64_t q = b; q < e; ++q)
-            spmm_t_panel_bycol<A, V, I, TBc>(P, q, std::min(in, (q + 1) * P.cp) - q * P.cp, cl, vl, dyt.data(), out,
-                                             T, in, dxp);
+            spmm_t_panel_bycol<A, V, I, TBc>(P, q, std::min(in, (q + 1) * P.cp) - q * P.cp, cl, vl, dyt.data(), out, T,
+                                             in, dxp);
         });
         return;
       }

@@ -1,12 +1,11 @@
 // csr_tile_ptr on the CPU: the column-tile index from the same index math the CUDA kernels use
-// (common/csr_tile_index.h), so CPU tests check that math against a reference. And
-// _csr_adopt_pattern on the CPU: the checks only (CPU ops check their pattern every call).
+// (common/csr_tile_index.h), so CPU tests check that math against a reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
 #include "common/csr_tile_index.h"
-#include "cpu/checks.h"
 
 namespace seft::cpu {
 namespace {
@@ -26,24 +25,16 @@ at::Tensor csr_tile_ptr_cpu(const at::Tensor& crow, const at::Tensor& col, int64
   check_cols_cpu(op, crow_c, col_c, in_features);
   const int64_t out = crow_c.numel() - 1, width = tile_ptr_width(in_features, tile);
   at::Tensor tp = at::empty({out, width}, crow_c.options());
-  if (col_c.scalar_type() == at::kShort)
+  if (col_c.scalar_type() == at::kShort) {
     fill(crow_c.data_ptr<int32_t>(), col_c.data_ptr<int16_t>(), tp.data_ptr<int32_t>(), out, width, tile);
-  else
+  } else {
     fill(crow_c.data_ptr<int32_t>(), col_c.data_ptr<int32_t>(), tp.data_ptr<int32_t>(), out, width, tile);
+  }
   return tp;
-}
-
-void csr_adopt_pattern_cpu(const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
-                           const at::Tensor& crow_host, const at::Tensor& col_host,
-                           const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& slots_host) {
-  check_adopt_args("_csr_adopt_pattern", crow, col, in_features, crow_host, col_host, slots, slots_host);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(seft, CPU, m) {
-  m.impl("csr_tile_ptr", &csr_tile_ptr_cpu);
-  m.impl("_csr_adopt_pattern", &csr_adopt_pattern_cpu);
-}
+TORCH_LIBRARY_IMPL(seft, CPU, m) { m.impl("csr_tile_ptr", &csr_tile_ptr_cpu); }
 
 }  // namespace seft::cpu

@@ -1,5 +1,5 @@
 // CPU kernels are compiled once per instruction set (isa_base.cpp, isa_avx2.cpp) and the
-// op wrappers pick one at run time.
+// op wrappers (csr_*_cpu.cpp) call the one in use (isa.cpp: active_isa, the cpu_isa op).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -11,14 +11,14 @@ namespace seft::cpu {
 struct IsaKernels {
   const char* name;
   // x: (T, in) contiguous; returns (T, out) in x's dtype.
-  at::Tensor (*spmm)(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& values, const std::optional<at::Tensor>& bias);
+  at::Tensor (*spmm)(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     const std::optional<at::Tensor>& bias);
   // dy: (T, out) contiguous; returns (T, in_features) in dy's dtype.
-  at::Tensor (*spmm_t)(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
-                       const at::Tensor& values, int64_t in_features);
+  at::Tensor (*spmm_t)(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                       int64_t in_features);
   // dy: (T, out), x: (T, in) contiguous; slots undefined -> every non-zero.
-  at::Tensor (*sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
-                      const at::Tensor& col, const at::Tensor& slots);
+  at::Tensor (*sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                      const at::Tensor& slots);
 };
 
 namespace base { extern const IsaKernels kernels; }

@@ -22,9 +22,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cpu/isa.h"
-
 
 namespace seft::cpu::SEFT_ISA {
 namespace {
@@ -37,8 +36,14 @@ template <> struct Acc<double> { using type = double; };
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef double v4d __attribute__((vector_size(32), aligned(8)));
 template <typename A> struct VecOf;
-template <> struct VecOf<float> { using type = v8f; static constexpr int W = 8; };
-template <> struct VecOf<double> { using type = v4d; static constexpr int W = 4; };
+template <> struct VecOf<float> {
+  using type = v8f;
+  static constexpr int W = 8;
+};
+template <> struct VecOf<double> {
+  using type = v4d;
+  static constexpr int W = 4;
+};
 
 // Lane sums in one fixed order, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), whether one vector is
 // reduced (hsum) or four at once (hsum4, lane k = hsum(tk)): results match bit for bit.
@@ -197,8 +202,8 @@ Panels build_panels(const char* op, const at::Tensor& crow_t, const at::Tensor& 
         continue;
       }
       for (int64_t q = 1; q < P.n; ++q)
-        s[q] = int32_t(std::lower_bound(col + s[q - 1], col + p1, q * cp,
-                                        [](I c, int64_t v) { return int64_t(c) < v; }) - col);
+        s[q] = int32_t(
+            std::lower_bound(col + s[q - 1], col + p1, q * cp, [](I c, int64_t v) { return int64_t(c) < v; }) - col);
     }
   });
   if (bad.load() < out) check_cols_cpu(op, crow_t, col_t, in);  // throws with the details

@@ -1,7 +1,7 @@
 // The CPU kernel table of one instruction set: isa_<name>.cpp defines SEFT_ISA (the
 // namespace) and SEFT_ISA_NAME and includes this file with its own -m flags.
 #pragma once
-#include "dtype_dispatch.h"
+#include "common/dtype_dispatch.h"
 #include "cpu/csr_sddmm_kernel.h"
 #include "cpu/csr_spmm_kernel.h"
 #include "cpu/csr_spmm_t_kernel.h"
@@ -10,8 +10,8 @@ namespace seft::cpu::SEFT_ISA {
 namespace {
 
 // ---------------------------------------------------------------- entry points (dtype dispatch)
-at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                const std::optional<at::Tensor>& bias) {
   at::Tensor y;
   dispatch_types(values.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
     using V = typename decltype(vt)::type;
@@ -21,8 +21,8 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   return y;
 }
 
-at::Tensor spmm_t(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
-                  const at::Tensor& values, int64_t in) {
+at::Tensor spmm_t(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                  int64_t in) {
   at::Tensor dx;
   dispatch_types(values.scalar_type(), col.scalar_type(), [&](auto vt, auto it) {
     using V = typename decltype(vt)::type;

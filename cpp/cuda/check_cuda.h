@@ -1,5 +1,6 @@
 // Device-side validation of a CSR pattern (and slots) with one 16-byte device -> host sync;
-// on failure it reruns the CPU checks on host copies for the CPU op's exact message.
+// on failure it reruns the CPU checks on host copies for the CPU op's exact message
+// (check_cuda.cu). Shared by the CUDA ops.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -10,8 +11,8 @@ namespace seft::cuda {
 // crow / col (and slots when defined) contiguous and on the current device. before_sync, when
 // given, launches more work on the current stream after the check kernels; it is complete
 // when this returns (the one sync waits for it too).
-void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in,
-                     const at::Tensor& slots, const std::function<void()>& before_sync = {});
+void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in, const at::Tensor& slots,
+                     const std::function<void()>& before_sync = {});
 
 // The pattern's check through the structure cache (common/structure_cache.h): on the first
 // call with (crow, col, in) at their current versions, check_on_device plus the column-tile

@@ -168,7 +168,7 @@ if _lib.load_error is None:
 
 # ---------------------------------------------------------------- evolution ops
 def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor,
-                  num_grow: int, num_prune: int, scope: str = "layer", nm_n: int = 2, nm_m: int = 4,
+                  num_grow: int, num_prune: int, budget: str = "layer", nm_n: int = 2, nm_m: int = 4,
                   grow_inactive: bool = True, sketch: int = 0, seed: int = 0) -> tuple[Tensor, Tensor, int, bool]:
     """The first step of an evolution window for one layer.
 
@@ -184,15 +184,15 @@ def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta:
     is that estimate: use ``csr_sddmm`` at the tracked positions for exact values.
 
     On CUDA the scan is always exact (``sketch`` is not used): one cuBLAS GEMM per row tile
-    and topk selections (``csr_grow_scan_tiled``), or the CPU kernel for the nm scope.
+    and topk selections (``csr_grow_scan_tiled``), or the CPU kernel for the nm budget.
     """
     _lib.require_library()
-    return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope,
+    return torch.ops.seft.csr_grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget,
                                         nm_n, nm_m, grow_inactive, sketch, seed)
 
 
 def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor, delta: Tensor,
-                         tracked: Tensor, gsum: Tensor, num_drop: int, in_features: int, scope: str = "layer",
+                         tracked: Tensor, gsum: Tensor, num_drop: int, in_features: int, budget: str = "layer",
                          nm_n: int = 2, nm_m: int = 4, grow_inactive: bool = True) -> tuple[Tensor, Tensor]:
     """One drop / grow / adapt step, in place on (crow, col, theta, delta_slots, delta) (CPU).
 
@@ -206,7 +206,7 @@ def csr_drop_grow_adapt_(crow: Tensor, col: Tensor, theta: Tensor, delta_slots: 
     """
     _lib.require_library()
     return torch.ops.seft.csr_drop_grow_adapt_(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop,
-                                               in_features, scope, nm_n, nm_m, grow_inactive)
+                                               in_features, budget, nm_n, nm_m, grow_inactive)
 
 
 def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
@@ -218,6 +218,15 @@ def csr_slot_union(crow: Tensor, col: Tensor, slots: Tensor, positions: Tensor,
     return torch.ops.seft.csr_slot_union(crow, col, slots, positions, in_features)
 
 
+def csr_check_nm(crow: Tensor, col: Tensor, in_features: int, n: int, m: int) -> None:
+    """Raises ValueError unless the CSR pattern is N:M: every group of ``m`` consecutive inputs
+    of every row holds exactly ``n`` non-zeros ("the base is not N:M: row R, group G has C
+    non-zeros"), or when ``1 <= n <= m`` fails or ``m`` does not divide ``in_features``. CUDA
+    patterns are checked on host copies."""
+    _lib.require_library()
+    torch.ops.seft.csr_check_nm(crow, col, in_features, n, m)
+
+
 if _lib.load_error is None:
 
     @torch.library.register_fake("seft::csr_slot_union")
@@ -227,8 +236,13 @@ if _lib.load_error is None:
         return crow.new_empty(crow.shape), col.new_empty((n,)), slots.new_empty(slots.shape), \
             positions.new_empty(positions.shape)
 
+    @torch.library.register_fake("seft::csr_check_nm")
+    def _csr_check_nm_fake(crow, col, in_features, n, m):
+        _same_device("csr_check_nm", crow=crow, col=col)
+        return None
+
     @torch.library.register_fake("seft::csr_grow_scan")
-    def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+    def _csr_grow_scan_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget="layer",
                             nm_n=2, nm_m=4, grow_inactive=True, sketch=0, seed=0):
         _same_device("csr_grow_scan", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
                      delta_slots=delta_slots)
@@ -236,7 +250,7 @@ if _lib.load_error is None:
         return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=acc_dtype(x.dtype)), 0, True)
 
     @torch.library.register_fake("seft::csr_grow_scan_tiled")
-    def _csr_grow_scan_tiled_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope="layer",
+    def _csr_grow_scan_tiled_fake(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget="layer",
                                   grow_inactive=True, tile_bytes=1 << 20):
         _same_device("csr_grow_scan_tiled", grad_out=grad_out, x=x, crow=crow, col=col, theta=theta,
                      delta_slots=delta_slots)
@@ -245,7 +259,7 @@ if _lib.load_error is None:
 
     @torch.library.register_fake("seft::csr_drop_grow_adapt_")
     def _csr_drop_grow_adapt_fake(crow, col, theta, delta_slots, delta, tracked, gsum, num_drop, in_features,
-                                  scope="layer", nm_n=2, nm_m=4, grow_inactive=True):
+                                  budget="layer", nm_n=2, nm_m=4, grow_inactive=True):
         _same_device("csr_drop_grow_adapt_", crow=crow, col=col, theta=theta, delta_slots=delta_slots,
                      delta=delta, tracked=tracked, gsum=gsum)
         return delta_slots.new_empty(delta_slots.shape), delta_slots.new_empty((5,))

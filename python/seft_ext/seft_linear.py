@@ -199,14 +199,10 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
 
 
 def _check_nm(base: CSRWeight, n: int, m: int) -> None:
-    out, inn = base.shape
-    if not (1 <= n <= m) or inn % m:
-        raise ValueError(f"SEFTLinear: N:M = {n}:{m} needs 1 <= N <= M and M dividing in_features = {inn}")
-    counts = base.mask().view(out, inn // m, m).sum(-1)
-    if not bool((counts == n).all()):
-        bad = (counts != n).nonzero()[0].tolist()
-        raise ValueError(f"SEFTLinear: the base is not {n}:{m}: row {bad[0]}, group {bad[1]} has "
-                         f"{int(counts[bad[0], bad[1]])} non-zeros")
+    try:
+        ops.csr_check_nm(base.crow, base.col, base.shape[1], n, m)
+    except ValueError as e:
+        raise ValueError(f"SEFTLinear: {e}") from None
 
 
 def _compute_dtype(x: Tensor, layer_dtype: torch.dtype) -> torch.dtype:

@@ -9,12 +9,12 @@ namespace seft {
 
 // crow / col / values: dims, dtypes, lengths, devices. values may be undefined (sddmm).
 // With check_offsets, also crow[0] == 0, non-decreasing, crow[out] == nnz (reads crow on the host).
-void check_csr(const char* op, const at::Tensor& crow, const at::Tensor& col,
-               const at::Tensor* values, const at::Device& device, bool check_offsets);
+void check_csr(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor* values,
+               const at::Device& device, bool check_offsets);
 
 // Dense operand: floating, on `device`, at least 1-D, last dim == size, dtype == dtype.
-void check_dense(const char* op, const char* name, const at::Tensor& t, int64_t size,
-                 at::ScalarType dtype, const at::Device& device);
+void check_dense(const char* op, const char* name, const at::Tensor& t, int64_t size, at::ScalarType dtype,
+                 const at::Device& device);
 
 // Column indices: sorted, unique within each row, in [0, in). Throws naming the first bad row.
 void check_cols_cpu(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in);
@@ -40,8 +40,8 @@ void check_tile_ptr_args(const char* op, const at::Tensor& crow, const at::Tenso
 // _csr_adopt_pattern: the host copies checked in full (offsets, columns against in_features),
 // and matching crow / col in size and dtype.
 void check_adopt_args(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
-                      const at::Tensor& crow_host, const at::Tensor& col_host,
-                      const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& slots_host);
+                      const at::Tensor& crow_host, const at::Tensor& col_host, const std::optional<at::Tensor>& slots,
+                      const std::optional<at::Tensor>& slots_host);
 
 // (..., n) -> (rows, n) contiguous; unlike reshape(-1, n) it also works for n == 0.
 at::Tensor as_2d(const at::Tensor& t);

@@ -1,4 +1,4 @@
-// The device-generic csr_grow_scan (ATen ops only; exact, layer and row scopes).
+// The device-generic csr_grow_scan (ATen ops only; exact, layer and row budgets).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -11,7 +11,7 @@ namespace seft::tiled {
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& crow, const at::Tensor& col,
                                                             const at::Tensor& theta, const at::Tensor& delta_slots,
-                                                            int64_t num_grow, int64_t num_prune, bool row_scope,
+                                                            int64_t num_grow, int64_t num_prune, bool row_budget,
                                                             bool grow_inactive, int64_t tile_bytes);
 
 }  // namespace seft::tiled

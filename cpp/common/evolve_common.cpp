@@ -1,6 +1,6 @@
-#include "cpu/evolve_common.h"
+#include "common/evolve_common.h"
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 namespace seft::cpu::evolve {
 
@@ -11,8 +11,8 @@ void check_evolve_args(const char* op, const at::Tensor& crow, const at::Tensor&
   check_csr(op, crow, col, &theta, theta.device(), /*check_offsets=*/true);
   TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
   check_cols_cpu(op, crow.contiguous(), col.contiguous(), in);
-  TORCH_CHECK(delta_slots.defined() && delta_slots.device() == theta.device(), op,
-              ": delta_slots must be a tensor on ", theta.device());
+  TORCH_CHECK(delta_slots.defined() && delta_slots.device() == theta.device(), op, ": delta_slots must be a tensor on ",
+              theta.device());
   check_slots_cpu(op, delta_slots.contiguous(), col.numel());
 }
 

@@ -1,20 +1,21 @@
 // csr_grow_scan from ATen ops only, on any device: the exact scan (no sketch), for the
-// layer and row scopes. The CUDA build runs it as csr_grow_scan's CUDA kernel (one GEMM per
-// row tile on cuBLAS, selections with topk / sort); the CPU registers it as
-// csr_grow_scan_tiled so that tests compare it with the CPU kernel on identical inputs.
+// layer and row budgets. The CUDA build runs it as csr_grow_scan's CUDA kernel
+// (cpp/cuda/csr_grow_scan_cuda.cu: one GEMM per row tile on cuBLAS, selections with topk /
+// sort); the CPU registers it as csr_grow_scan_tiled so that tests compare it with the CPU
+// kernel on identical inputs.
 //
 // Same selection as the CPU kernel: grow candidates are the num_grow largest |G| outside the
 // delta (inactive positions only when grow_inactive); prune candidates the base-only positions
 // of smallest |theta * G| (num_prune in the layer, or ceil(num_prune / out) per row). Ties
 // may resolve differently from the CPU kernel's (score, position) order.
-#include "tiled/csr_grow_scan_tiled.h"
+#include "common/csr_grow_scan_tiled.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 
 namespace seft::tiled {
 namespace {
@@ -45,7 +46,7 @@ struct Pool {
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& grad_out, const at::Tensor& x,
                                                             const at::Tensor& crow, const at::Tensor& col,
                                                             const at::Tensor& theta, const at::Tensor& delta_slots,
-                                                            int64_t num_grow, int64_t num_prune, bool row_scope,
+                                                            int64_t num_grow, int64_t num_prune, bool row_budget,
                                                             bool grow_inactive, int64_t tile_bytes) {
   const int64_t in = x.size(-1), out = crow.numel() - 1, nnz = col.numel();
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -60,11 +61,11 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& gr
   if (delta_slots.numel()) is_delta.index_fill_(0, delta_slots, true);
   const at::Tensor theta_acc = theta.to(acc);
   const int64_t tile_rows = std::max<int64_t>(1, std::min<int64_t>(out, tile_bytes / std::max<int64_t>(1, in * esize)));
-  const int64_t row_cap = (row_scope && out > 0) ? (num_prune + out - 1) / out : 0;
-  const int64_t prune_cap = row_scope ? 0 : num_prune;
+  const int64_t row_cap = (row_budget && out > 0) ? (num_prune + out - 1) / out : 0;
+  const int64_t prune_cap = row_budget ? 0 : num_prune;
 
   Pool grow, prune;
-  std::vector<at::Tensor> row_pos, row_g;  // row scope: each tile's kept prune candidates
+  std::vector<at::Tensor> row_pos, row_g;  // row budget: each tile's kept prune candidates
   at::Tensor nonfinite = at::zeros({}, opts.dtype(at::kBool));
   int64_t peak = 0;
   for (int64_t r0 = 0; r0 < out; r0 += tile_rows) {
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& gr
       const at::Tensor g_b = gA.index_select(0, sel);
       const at::Tensor sens = (theta_acc.narrow(0, q0, q1 - q0).index_select(0, sel) * g_b).abs();
       const at::Tensor pos_b = lin.index_select(0, sel) + r0 * in;
-      if (!row_scope) {
+      if (!row_budget) {
         prune.add(sens, pos_b, g_b, prune_cap, false);
       } else if (sel.numel()) {
         // Per row the row_cap smallest: order by sensitivity, then stably by row; rank within row.
@@ -141,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, bool> grow_scan(const at::Tensor& gr
 }  // namespace seft::tiled
 
 // ---------------------------------------------------------------- the CPU registration (tests)
-#include "cpu/evolve_common.h"
+#include "common/evolve_common.h"
 
 namespace seft::tiled {
 namespace {
@@ -149,14 +150,14 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, int64_t, bool> csr_grow_scan_tiled_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
     const at::Tensor& theta, const at::Tensor& delta_slots, int64_t num_grow, int64_t num_prune,
-    c10::string_view scope, bool grow_inactive, int64_t tile_bytes) {
+    c10::string_view budget, bool grow_inactive, int64_t tile_bytes) {
   const char* op = "csr_grow_scan_tiled";
   check_sddmm_args(op, grad_out, x, crow, col, std::nullopt, /*check_offsets=*/false);
   cpu::evolve::check_evolve_args(op, crow, col, theta, delta_slots, x.size(-1));
-  TORCH_CHECK(scope == "layer" || scope == "row", op, ": scope must be 'layer' or 'row', got '", scope, "'");
+  TORCH_CHECK(budget == "layer" || budget == "row", op, ": budget must be 'layer' or 'row', got '", budget, "'");
   TORCH_CHECK(num_grow >= 0 && num_prune >= 0, op, ": num_grow and num_prune must be >= 0");
   TORCH_CHECK(tile_bytes > 0, op, ": tile_bytes must be > 0, got ", tile_bytes);
-  return grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, scope == "row", grow_inactive,
+  return grow_scan(grad_out, x, crow, col, theta, delta_slots, num_grow, num_prune, budget == "row", grow_inactive,
                    tile_bytes);
 }
 

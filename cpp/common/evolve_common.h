@@ -10,31 +10,31 @@
 
 namespace seft::cpu::evolve {
 
-// The budget scope: which positions share one non-zero budget.
+// The budget unit: which positions share one non-zero budget.
 //   layer: the whole matrix; row: one output row; nm: M consecutive inputs of one row.
-enum class Scope { layer, row, nm };
+enum class Budget { layer, row, nm };
 
-inline Scope parse_scope(const char* op, const std::string& s, int64_t nm_n, int64_t nm_m, int64_t in) {
-  if (s == "layer") return Scope::layer;
-  if (s == "row") return Scope::row;
-  TORCH_CHECK(s == "nm", op, ": scope must be 'layer', 'row' or 'nm', got '", s, "'");
+inline Budget parse_budget(const char* op, const std::string& s, int64_t nm_n, int64_t nm_m, int64_t in) {
+  if (s == "layer") return Budget::layer;
+  if (s == "row") return Budget::row;
+  TORCH_CHECK(s == "nm", op, ": budget must be 'layer', 'row' or 'nm', got '", s, "'");
   TORCH_CHECK(nm_m >= 1 && nm_n >= 1 && nm_n <= nm_m, op, ": N:M needs 1 <= N <= M, got ", nm_n, ":", nm_m);
   TORCH_CHECK(in % nm_m == 0, op, ": N:M groups of M = ", nm_m, " must divide in_features = ", in);
-  return Scope::nm;
+  return Budget::nm;
 }
 
 // Positions are flat indices row * in + col (int64).
 struct Units {
-  Scope scope;
+  Budget budget;
   int64_t in, m;
   int64_t of(int64_t pos) const {
-    if (scope == Scope::layer) return 0;
+    if (budget == Budget::layer) return 0;
     return of(pos / in, pos % in);
   }
   int64_t of(int64_t row, int64_t col) const {
-    switch (scope) {
-      case Scope::layer: return 0;
-      case Scope::row: return row;
+    switch (budget) {
+      case Budget::layer: return 0;
+      case Budget::row: return row;
       default: return row * (in / m) + col / m;
     }
   }
