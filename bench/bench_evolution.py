@@ -187,7 +187,7 @@ def main() -> int:
     load = os.getloadavg()[0]
     header = machine_header(argparse.Namespace(target_s=0, max_repeats=args.reps, big_max_repeats=1,
                                                slow_call_s=0), today, load)
-    lines = [f"# seft_ext evolution benchmark ({today})", ""] + [l for l in header[2:6]] + [
+    lines = [f"# seft_ext evolution benchmark ({today})", ""] + [ln for ln in header[2:6]] + [
         f"- fp32, {args.tokens} tokens per step, k = 8 (in + out), drop fraction 0.2 (the first, largest "
         f"evolution step), candidate_factor 2, scan_sketch {args.sketch}, update_interval {args.interval}, "
         f"window {args.window}; component times are medians of {args.reps} calls after 2 warmups",
@@ -228,7 +228,8 @@ def main() -> int:
         b = big_scan(args)
         lines += [f"4096x11008 at 70%, k = {8 * (4096 + 11008)}, {args.tokens} tokens: the scan held at most "
                   f"{b['peak'] / 2**20:.1f} MiB (engine-reported, besides the caller's X and dY: "
-                  f"{b['activations'] / 2**20:.1f} MiB), against {b['dense'] / 2**20:.1f} MiB for a dense fp32 gradient and "
+                  f"{b['activations'] / 2**20:.1f} MiB), against {b['dense'] / 2**20:.1f} MiB for a dense fp32 "
+                  "gradient and "
                   f"{b['nnz_bytes'] / 2**20:.1f} MiB of fp32 CSR weight; between steps the window holds "
                   f"{b['held'] / 2**20:.2f} MiB for {b['tracked']} tracked positions; the scan took {b['secs']:.2f} s.",
                   ""]

@@ -311,7 +311,7 @@ def memory_case(kind, cfg, device, dtype, timer, args):
     res["step_s"] = times[-1]
     res["steps"] = len(times)
     res["times"] = times
-    del model, opt, x, ctl
+    model = opt = x = ctl = None  # free them before the next case
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -355,7 +355,7 @@ def measure_ceilings(device, timer) -> dict:
     m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     r2 = timer.measure(lambda: m @ m, 10)
     res = dict(copy_bps=2 * a.numel() * 2 / r["t"], mm_flops=2 * 8192.0**3 / r2["t"])
-    del a, b, m
+    a = b = m = None
     torch.cuda.empty_cache()
     return res
 
@@ -371,7 +371,8 @@ def gpu_info(device):
     name = f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
     extra = ""
     try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu",
+        fields = "driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu"
+        q = subprocess.run(["nvidia-smi", f"--query-gpu={fields}",
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
         if q.returncode == 0:
             extra = q.stdout.strip().splitlines()[0]
@@ -401,7 +402,8 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
              "csr_sddmm over all non-zeros]; torch.sparse = torch.sparse.mm(W_csr int64 indices, x.T) "
              "(cuSPARSE; output left transposed); the dense times are measured once per shape/tokens",
              "- rel err: ||ours - ref|| / ||ref|| (Frobenius) of Y / dX / dV against fp32 dense math on the same "
-             f"{dtype_name} inputs; bytes: our CSR weight (values, col, crow, column-tile index) over the dense weight, same dtype",
+             f"{dtype_name} inputs; bytes: our CSR weight (values, col, crow, column-tile index) over the dense "
+             "weight, same dtype",
              f"- time budget {args.budget_s:.0f} s; spent {budget.elapsed():.0f} s",
              "- ceilings measured in this run: " + (
                  f"copy {ceil['copy_bps'] / 1e12:.2f} TB/s (bytes read + written, 1 GiB bf16 copy_), "
@@ -417,7 +419,8 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
     order = {s: i for i, s in enumerate(args.shapes)}
     for r in sorted(rows, key=lambda r: (order.get((r["out"], r["inp"]), 99), r["tokens"], r["sparsity"])):
         lines.append(
-            f"| {r['shape']} | {r['tokens']} | {r['sparsity']:.0%} | {fmt_ms(r.get('o_fwd'))} | {fmt_ms(r.get('d_fwd'))} "
+            f"| {r['shape']} | {r['tokens']} | {r['sparsity']:.0%} | {fmt_ms(r.get('o_fwd'))} "
+            f"| {fmt_ms(r.get('d_fwd'))} "
             f"| {fmt_ms(r.get('s_fwd'))} | {fmt_ratio(r.get('o_fwd'), r.get('d_fwd'))} "
             f"| {fmt_ratio(r.get('o_fwd'), r.get('s_fwd'))} | {fmt_ms(r.get('o_fb'))} | {fmt_ms(r.get('d_fb'))} "
             f"| {fmt_ratio(r.get('o_fb'), r.get('d_fb'))} | {r.get('err', 'n/a')} | {fmt_bytes(r['bytes'])} "

@@ -194,7 +194,7 @@ def targets_table(rows, byte_ratios, shapes) -> list[str]:
 def machine_header(args, today, load) -> list[str]:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     except (OSError, subprocess.SubprocessError):
         model = "?"
     return [f"# seft_ext CPU op benchmark ({today})", "",

@@ -36,10 +36,11 @@ def fetch(tmp: Path) -> Path:
 
 
 def chapter_text(root: Path, book: str, chapter: int) -> str:
-    out = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), f"{book}{chapter}:1-{book}{chapter}:200"],
+    verses = f"{book}{chapter}:1-{book}{chapter}:200"
+    out = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), verses],
                          check=True, capture_output=True, text=True).stdout
-    lines = [l for l in out.splitlines() if l.strip() and not re.match(r"^[A-Za-z0-9 ]+ \d+$", l.strip())]
-    text = " ".join(l.strip() for l in lines)
+    lines = [ln for ln in out.splitlines() if ln.strip() and not re.match(r"^[A-Za-z0-9 ]+ \d+$", ln.strip())]
+    text = " ".join(ln.strip() for ln in lines)
     text = re.sub(r"(^|\s)\d+\s", " ", text)  # verse numbers
     return re.sub(r"\s+", " ", text).strip()
 

@@ -4,7 +4,7 @@ Every public op (``seft_ext.ops.csr_spmm``, ``csr_spmm_t``, ``csr_sddmm``) and c
 (``CSRWeight(...)``, ``CSRWeight.from_dense``, ``CSRWeight.from_torch_sparse``,
 ``SparseLinear(...)``, ``SparseLinear.from_dense``) is fed a valid input with exactly one
 thing corrupted. The valid input is a 5x7 weight at 40 % density with an empty row (1) and
-a full row (3). 
+a full row (3).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import seft_ext
 from seft_ext import CSRWeight, SparseLinear, ops
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -284,7 +283,8 @@ SPMM_CASES = [
 SPMM_T_CASES = [
     ("grad_out_too_short", _dense("grad_out", lambda t: t[:, :-1]),
      r"grad_out must have last dimension 5, got shape \[3, 4\]"),
-    ("grad_out_too_long", _dense("grad_out", lambda t: torch.cat([t, t[:, :1]], 1)), r"grad_out must have last dimension 5"),
+    ("grad_out_too_long", _dense("grad_out", lambda t: torch.cat([t, t[:, :1]], 1)),
+     r"grad_out must have last dimension 5"),
     ("grad_out_float64", _dense("grad_out", lambda t: t.double()), r"grad_out has dtype Double but the weight values"),
     ("grad_out_half", _dense("grad_out", lambda t: t.half()), r"grad_out has dtype Half but the weight values"),
     ("grad_out_int", _dense("grad_out", lambda t: t.int()), r"grad_out has dtype Int but the weight values"),
@@ -292,7 +292,8 @@ SPMM_T_CASES = [
     ("in_features_too_small", lambda a: a.update(in_features=IN - 1), r"out of range \[0, 6\)"),
     ("in_features_zero", lambda a: a.update(in_features=0), r"out of range \[0, 0\)"),
     ("in_features_negative", lambda a: a.update(in_features=-1), r"in_features must be >= 0"),
-    ("crow_longer_than_grad_out", _dense("crow", lambda t: torch.cat([t, t[-1:]])), r"grad_out must have last dimension 6"),
+    ("crow_longer_than_grad_out", _dense("crow", lambda t: torch.cat([t, t[-1:]])),
+     r"grad_out must have last dimension 6"),
 ]
 
 SDDMM_CASES = [
@@ -305,7 +306,8 @@ SDDMM_CASES = [
     ("x_bool", lambda a: a.update(x=a["x"] > 0, grad_out=a["grad_out"] > 0), r"x must be float32, float64"),
     ("x_0d", _dense("x", lambda t: t[0, 0]), r"x must have at least 1 dimension"),
     ("x_last_dim_too_small", _dense("x", lambda t: t[:, :4]), r"col index 5 in row 0 is out of range \[0, 4\)"),
-    ("crow_longer_than_grad_out", _dense("crow", lambda t: torch.cat([t, t[-1:]])), r"grad_out must have last dimension 6"),
+    ("crow_longer_than_grad_out", _dense("crow", lambda t: torch.cat([t, t[-1:]])),
+     r"grad_out must have last dimension 6"),
     ("slots_unsorted", _dense("slots", lambda t: t.flip(0)), r"slots must be strictly increasing"),
     ("slots_duplicate", _dense("slots", lambda t: torch.tensor([0, 2, 2, 5])), r"slots must be strictly increasing"),
     ("slots_eq_nnz", _dense("slots", lambda t: torch.tensor([0, NNZ])), r"slots\[1\] = 14 is out of range \[0, 14\)"),

@@ -28,7 +28,7 @@ def test_run_end_to_end(tiny_model_dir, tmp_path, prune, pattern, method):
         assert key in s, key
     assert s["sparsity_final"] == pytest.approx(0.5)
     assert s["ppl_final"] < s["ppl_pruned"]  # 12 steps on repetitive text repair the pruned model
-    logs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    logs = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [4, 8, 12]
     if method == "fixed":
         assert s["topology_changes"] == 0

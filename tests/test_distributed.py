@@ -2,7 +2,6 @@
 stay close to one process on the same global batch."""
 import json
 import os
-import sys
 
 import pytest
 import torch

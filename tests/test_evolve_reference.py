@@ -114,8 +114,7 @@ def test_sketched_scan_finds_strong_candidates_and_keeps_exact_sums(scope):
     out, inn, T = 48, 64, 256
     layer = make_layer(out, inn, scope, "seft", k=100, dtype=torch.float32)
     # a gradient with a few strong positions on top of noise
-    u, v = torch.zeros(T, out), torch.zeros(T, inn)
-    grads, strong = [], None
+    grads = []
     layer.window.reset()
     layer.window.open(ScanPlan(60, 60, 32, 7))
     for step in range(3):

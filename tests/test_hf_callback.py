@@ -16,7 +16,7 @@ def test_trainer_drives_evolution(tmp_path):
     model = transformers.LlamaForCausalLM(cfg)
     sc = SEFTConfig(sparsity=0.7, update_interval=4, grow_accumulation=2, lora_rank=2)
     convert_to_seft(model, sc)
-    nnz = {n: l.nnz for n, l in seft_layers(model).items()}
+    nnz = {n: m.nnz for n, m in seft_layers(model).items()}
     data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": None} for _ in range(64)]
     for d in data:
         d["labels"] = d["input_ids"].clone()
@@ -28,5 +28,5 @@ def test_trainer_drives_evolution(tmp_path):
     assert cb.controller is not None and cb.controller.step_count == 12
     assert [t for t, _ in cb.controller.history] == [4, 8]  # 12 > 0.75 * 12
     assert sum(r.get("grown", 0) for _, rep in cb.controller.history for r in rep.values()) > 0
-    for n, l in seft_layers(model).items():
-        assert l.nnz == nnz[n]
+    for n, m in seft_layers(model).items():
+        assert m.nnz == nnz[n]

@@ -306,7 +306,9 @@ def test_gradcheck_spmm(kernel, dtype):
     x = torch.randn(2, 4, 9, dtype=dtype, device=kernel, requires_grad=True)
     v = w.values.clone().requires_grad_()
     b = torch.randn(6, dtype=dtype, device=kernel, requires_grad=True)
-    f = lambda x, v, b: ops.csr_spmm(x, w.crow, w.col, v, b)
+    def f(x, v, b):
+        return ops.csr_spmm(x, w.crow, w.col, v, b)
+
     assert torch.autograd.gradcheck(f, (x, v, b))
     assert torch.autograd.gradgradcheck(f, (x, v, b))
 

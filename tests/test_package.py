@@ -152,7 +152,8 @@ def test_main_reports_env_chosen_isa(tmp_path):
 # ---------------------------------------------------------------------------------- registered ops
 SCHEMAS = {
     "csr_spmm": "seft::csr_spmm(Tensor x, Tensor crow, Tensor col, Tensor values, Tensor? bias=None) -> Tensor",
-    "csr_spmm_t": "seft::csr_spmm_t(Tensor grad_out, Tensor crow, Tensor col, Tensor values, int in_features) -> Tensor",
+    "csr_spmm_t": ("seft::csr_spmm_t(Tensor grad_out, Tensor crow, Tensor col, Tensor values, int in_features) "
+                   "-> Tensor"),
     "csr_sddmm": "seft::csr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor? slots=None) -> Tensor",
     "cpu_isa": 'seft::cpu_isa(str choose="") -> str',
 }

@@ -33,7 +33,7 @@ def test_loss_falls_and_sparsity_stays_exact(method, budget):
     convert_to_seft(model, cfg)
     layers = seft_layers(model)
     assert len(layers) == 14  # 7 projections x 2 blocks; lm_head stays dense
-    base = {n: (l.nnz, l.crow.clone()) for n, l in layers.items()}
+    base = {n: (m.nnz, m.crow.clone()) for n, m in layers.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     total = 80
     ctl = SEFTController(model, opt, cfg, total)

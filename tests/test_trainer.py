@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ pytest.importorskip("safetensors")
 
 import seft_ext  # noqa: E402
 from seft_ext import SEFTConfig, SEFTLinear, convert_to_seft, seft_layers  # noqa: E402
-from seft_ext.distributed import topology_hash  # noqa: E402
 from seft_ext.hf import SEFTCallback  # noqa: E402
 
 SC = SEFTConfig(sparsity=0.7, update_interval=4, grow_accumulation=2, lora_rank=2)

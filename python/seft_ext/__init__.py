@@ -3,7 +3,7 @@
 Weights live in CSR form (crow int32, col int16/int32, values fp32/bf16/fp16/fp64) and
 every forward and backward runs on the ``torch.ops.seft`` kernels.
 """
-from . import _lib
+from . import _lib  # noqa: F401 (loads the operator library)
 from ._lib import build_info
 from . import ops
 from .sparse import CSRWeight

@@ -101,10 +101,10 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     info = {"format": FORMAT, "step": step, "meta": meta, "optimizer_groups": groups, "controller": ctl,
             "windows": win_scalars,
-            "layers": {n: {"shape": [l.out_features, l.in_features], "k": l.k, "budget": l.budget,
-                           "nm": [l.nm_n, l.nm_m], "method": l.method, "dense_compute": l.dense_compute,
-                           "bias": l.bias is not None, "dtype": str(l.theta.dtype).replace("torch.", "")}
-                       for n, l in layers.items()}}
+            "layers": {n: {"shape": [m.out_features, m.in_features], "k": m.k, "budget": m.budget,
+                           "nm": [m.nm_n, m.nm_m], "method": m.method, "dense_compute": m.dense_compute,
+                           "bias": m.bias is not None, "dtype": str(m.theta.dtype).replace("torch.", "")}
+                       for n, m in layers.items()}}
     info = json.loads(json.dumps(info, default=str))  # the form it is read back in
     st = folder / f"step-{step}.safetensors"
     _write_atomic(st, lambda p: (save_file(tensors, str(p), metadata={META_KEY: json.dumps(info, sort_keys=True)}),
@@ -312,7 +312,8 @@ def _checked_layer(name: str, spec: dict, tensors: dict, target, need) -> SEFTLi
          f"layer {name!r}: delta_slots not strictly increasing within [0, {base.nnz})")
     need(delta.dtype == acc_dtype(dtype) and delta.shape == (k,) and bool(torch.isfinite(delta).all()),
          f"layer {name!r}: delta must be finite {acc_dtype(dtype)} [{k}]")
-    need(bias is None or (bias.dtype == dtype and bias.shape == (out,)), f"layer {name!r}: bias must be {dtype} [{out}]")
+    need(bias is None or (bias.dtype == dtype and bias.shape == (out,)),
+         f"layer {name!r}: bias must be {dtype} [{out}]")
     try:
         layer = SEFTLinear(base, k, bias, spec["budget"], tuple(spec["nm"]), spec["method"])
     except ValueError as e:

@@ -60,7 +60,7 @@ def _nvtx_range(name: str, on: bool):
     return torch.cuda.nvtx.range(name) if on else contextlib.nullcontext()
 
 
-def _seft_layers_of(model: nn.Module) -> "OrderedDict[str, SEFTLinear]":
+def _seft_layers_of(model: nn.Module) -> OrderedDict[str, SEFTLinear]:
     """The model's SEFTLinear layers; refuses a model without any, or one sharded by FSDP / DeepSpeed."""
     layers = OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, SEFTLinear))
     if not layers:
@@ -110,7 +110,7 @@ class SEFTController:
             raise TypeError(f"SEFTController: config must be a SEFTConfig, got {type(config).__name__}")
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"SEFTController: total_steps must be a positive int, got {total_steps}")
-        self.layers: "OrderedDict[str, SEFTLinear]" = _seft_layers_of(model)
+        self.layers: OrderedDict[str, SEFTLinear] = _seft_layers_of(model)
         _check_optimizer(optimizer, self.layers)
         if config.method != "fixed":
             _check_evolution_kernels(self.layers)
@@ -202,10 +202,10 @@ class SEFTController:
     # one synchronisation per batch (per device), so one per step up to this size.
     HOST_BATCH_BYTES = int(os.environ.get("SEFT_EVOLVE_HOST_BYTES", str(2 << 30)))
 
-    def _evolve_all(self, t: int) -> "OrderedDict[str, dict]":
+    def _evolve_all(self, t: int) -> OrderedDict[str, dict]:
         """Every layer's drop / grow / adapt, decided on the host by the CPU kernel, in batches
         of layers of at most HOST_BATCH_BYTES (see _decide)."""
-        report: "OrderedDict[str, dict]" = OrderedDict()
+        report: OrderedDict[str, dict] = OrderedDict()
         batch, nbytes = [], 0
         for name, layer in self.layers.items():
             n = self.num_drop(layer, t)

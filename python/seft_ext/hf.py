@@ -237,7 +237,8 @@ def _checked_sparse_layer(model: nn.Module, name: str, shape, tensors: dict, pat
         bad(f"missing tensors {missing}")
     bias = tensors.get(f"{name}.bias")
     if (bias is None) != (target.bias is None):
-        bad("has a bias where the model's layer has none" if bias is not None else "has no bias, the model's layer has one")
+        bad("has a bias where the model's layer has none" if bias is not None
+            else "has no bias, the model's layer has one")
     device = target.values.device if isinstance(target, SparseLinear) else target.weight.device
     try:
         w = CSRWeight(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))

@@ -53,7 +53,7 @@ class SparseLinear(CSRPatternMixin, nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None) -> SparseLinear:
         """Keep ``linear.weight[mask]`` (``mask=None``: its non-zeros); the bias is copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected nn.Linear, got {type(linear).__name__}")

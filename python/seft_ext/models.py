@@ -139,7 +139,8 @@ def load_tokenizer(folder: Path) -> Optional[object]:
 def _check_weights(spec: str, info: dict) -> None:
     """Refuse a model some of whose weights were not in the folder (transformers would
     initialise them at random)."""
-    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else k[0] for k in mismatched)
     if not missing:
         return
     seft = any(k.endswith((".theta", ".delta_slots")) for k in info.get("unexpected_keys") or [])

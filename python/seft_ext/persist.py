@@ -149,7 +149,8 @@ def read_config(directory: Union[str, Path]) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({e})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {info.get('format') if isinstance(info, dict) else None!r})")
+        found = info.get("format") if isinstance(info, dict) else None
+        raise ValueError(f"{path}: not a {FORMAT} file (format {found!r})")
     return info
 
 

@@ -79,7 +79,8 @@ def _pruned_upto(cols: int, inn: int, rows: int, sparsity: float) -> int:
 
 
 def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float, budget: str = "layer",
-                    nm: tuple[int, int] = (2, 4), blocksize: int = 128, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+                    nm: tuple[int, int] = (2, 4), blocksize: int = 128,
+                    percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """SparseGPT: prune ``weight`` (out, in) given ``hessian = X^T X`` (in, in) over calibration
     inputs. Columns are processed in blocks of ``blocksize``; within a block the pruned set is
     chosen by the OBS saliency ``w^2 / [H^-1]_jj`` at the block's start, then each column's

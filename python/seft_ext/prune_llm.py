@@ -145,7 +145,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "r
                 mask, new_w = sparsegpt_prune(lin.weight, stats[name], sparsity, budget, nm)
                 lin.weight.copy_(new_w.to(lin.weight.dtype))
             masks[f"{prefix}.{i}.{name}"] = mask
-        del stats
+        stats = None  # free the layer's statistics
         nxt = []
         for args, kwargs in cached:  # the pruned layer's outputs feed the next layer
             out = layer(*args, **kwargs)

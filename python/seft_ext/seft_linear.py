@@ -107,7 +107,7 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: SEFTConfig, mask: Optional[Tensor] = None,
-                    dtype: Optional[torch.dtype] = None, seed: Optional[int] = None) -> "SEFTLinear":
+                    dtype: Optional[torch.dtype] = None, seed: Optional[int] = None) -> SEFTLinear:
         """Prune ``linear`` (``mask``, or magnitude at ``config.sparsity`` in ``config.budget``
         scope) and wrap it with a delta of ``config.trainable_for(out, in)`` slots."""
         if not isinstance(linear, nn.Linear):

@@ -41,7 +41,7 @@ class CSRWeight:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_dense(cls, dense: Tensor, mask: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> "CSRWeight":
+    def from_dense(cls, dense: Tensor, mask: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> CSRWeight:
         """Keep ``dense[mask]`` (``mask=None``: the non-zeros of ``dense``)."""
         if not isinstance(dense, Tensor) or dense.dim() != 2:
             _fail(f"dense must be a 2-D tensor, got {getattr(dense, 'shape', type(dense))}")
@@ -70,7 +70,7 @@ class CSRWeight:
         return cls(crow.to(torch.int32), cols.to(index_dtype(in_features)), values.contiguous(), (out, in_features))
 
     @classmethod
-    def from_torch_sparse(cls, t: Tensor, dtype: Optional[torch.dtype] = None) -> "CSRWeight":
+    def from_torch_sparse(cls, t: Tensor, dtype: Optional[torch.dtype] = None) -> CSRWeight:
         """From a 2-D torch sparse CSR tensor (or a COO tensor, coalesced first)."""
         if not isinstance(t, Tensor):
             _fail(f"expected a torch sparse tensor, got {type(t)}")
@@ -187,6 +187,6 @@ class CSRWeight:
         """Bytes of everything forward and backward need: values, col, crow (no transpose index)."""
         return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.values))
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSRWeight":
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> CSRWeight:
         return CSRWeight(self.crow.to(device), self.col.to(device), self.values.to(device=device, dtype=dtype),
                          self.shape)
