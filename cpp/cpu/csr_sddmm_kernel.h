@@ -1,5 +1,6 @@
 // csr_sddmm on the CPU (per-ISA; see kernel_common.h).
 #pragma once
+#include <atomic>
 #include "cpu/kernel_common.h"
 
 namespace seft::cpu::SEFT_ISA {
@@ -60,18 +61,25 @@ void sddmm_rows(const Panels& P, const I* col, const A* dyt, const A* xt, int64_
   }
 }
 
+// Returns false (leaving the rest of the range untouched) at a slot outside [0, nnz) or out of
+// order: slots changed behind the check's back (its result is cached per tensor version) must
+// not make the walk read out of bounds. crow is checked on every call.
 template <typename A, typename I, int TB>
-void sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* slots, const A* dyt, const A* xt,
+bool sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* slots, const A* dyt, const A* xt,
                  int64_t s0, int64_t s1, A* g) {
-  if (s0 >= s1) return;
+  if (s0 >= s1) return true;
+  const int64_t nnz = crow[out];
   // row of the first slot: the last o with crow[o] <= p (empty rows skipped)
   auto below = [](int64_t v, int32_t c) { return v < int64_t(c); };
+  if (slots[s0] < 0 || slots[s0] >= nnz) return false;
   int64_t o = int64_t(std::upper_bound(crow, crow + out + 1, slots[s0], below) - crow) - 1;
-  for (int64_t s = s0; s < s1; ++s) {
+  for (int64_t s = s0, prev = -1; s < s1; prev = slots[s++]) {
     const int64_t p = slots[s];
+    if (p <= prev || p >= nnz) return false;
     while (crow[o + 1] <= p) ++o;
     g[s] += dot_tb<A, TB>(dyt + o * TB, xt + int64_t(col[p]) * TB);
   }
+  return true;
 }
 
 template <typename A, typename V, typename I>
@@ -91,6 +99,7 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const int64_t* sl = all ? nullptr : slots.data_ptr<int64_t>();
   A* gp = g.data_ptr<A>();
   const auto parts = all ? balanced_rows(cr, out, num_parts(out)) : std::vector<int64_t>{};
+  std::atomic<bool> stale{false};
   with_tb(TB, [&](auto tbc) {
     constexpr int TBc = decltype(tbc)::value;
     for (int64_t t0 = 0; t0 < T; t0 += TBc) {
@@ -104,11 +113,13 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
         });
       } else {
         at::parallel_for(0, n, 2048, [&](int64_t s0, int64_t s1) {
-          sddmm_slots<A, I, TBc>(cr, out, cl, sl, dyt.data(), xt.data(), s0, s1, gp);
+          if (!sddmm_slots<A, I, TBc>(cr, out, cl, sl, dyt.data(), xt.data(), s0, s1, gp)) stale = true;
         });
       }
     }
   });
+  TORCH_CHECK(!stale, "csr_sddmm: slots must be strictly increasing indices in [0, nnz = ", col.numel(),
+              "); they were changed in place after they were checked (e.g. through .data)");
   return g;
 }
 
