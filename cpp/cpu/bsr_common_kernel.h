@@ -16,12 +16,21 @@ namespace {
 
 constexpr int kBsrTB = 8;
 
+// Below about this many multiply-adds a call runs on one thread: waking the pool costs more
+// (milliseconds when the cores are busy). The split never changes a result (fixed orders).
+constexpr int64_t kBsrSerialWork = int64_t(1) << 18;
+
+// at::parallel_for's grain for n items of `work` multiply-adds in all: n (one thread) when small.
+inline int64_t bsr_grain(int64_t n, int64_t work, int64_t min_grain = 1) {
+  return work < kBsrSerialWork ? std::max<int64_t>(n, 1) : min_grain;
+}
+
 // dst[(b * np + j) * TB + i] = src[(b * TB + i) * n + j] (0 outside T x n).
 template <typename A, typename V>
 void bsr_pack(const V* src, int64_t T, int64_t n, int64_t np, A* dst) {
   constexpr int TB = kBsrTB;
   const int64_t nb = (T + TB - 1) / TB;
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nb, bsr_grain(nb, nb * np * TB), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       A* d = dst + b * np * TB;
       std::fill(d, d + np * TB, A(0));

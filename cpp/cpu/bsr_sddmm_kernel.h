@@ -52,7 +52,7 @@ at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::
   A* gp = g.data_ptr<A>();
   with_block(r, c, [&](auto rc, auto cc) {
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
-    at::parallel_for(0, n, 16, [&](int64_t s0, int64_t s1) {
+    at::parallel_for(0, n, bsr_grain(n, n * r * c * T, 16), [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t p = all ? s : sl[s];
         bsr_sddmm_block<A, R, C>(dyt.data(), outp, xt.data(), inp, ntb, row_of[p], int64_t(cl[p]), r, c,

@@ -61,7 +61,8 @@ at::Tensor bsr_spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at:
   V* yp = y.data_ptr<V>();
   with_block(r, c, [&](auto rc, auto cc) {
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
-    at::parallel_for(0, nbr, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t work = col.numel() * r * c * T;
+    at::parallel_for(0, nbr, bsr_grain(nbr, work), [&](int64_t b0, int64_t b1) {
       bsr_spmm_brows<A, V, I, R, C>(cr, cl, vl, r, c, xt.data(), inp, bs, T, out, b0, b1, yp);
     });
   });

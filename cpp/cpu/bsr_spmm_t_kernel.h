@@ -53,7 +53,8 @@ at::Tensor bsr_spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const 
   V* dxp = dx.data_ptr<V>();
   with_block(r, c, [&](auto rc, auto cc) {
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
-    at::parallel_for(0, ntb, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t work = col.numel() * r * c * T;
+    at::parallel_for(0, ntb, bsr_grain(ntb, work), [&](int64_t b0, int64_t b1) {
       avec<A> dxt(size_t(inp * TB));
       for (int64_t tb = b0; tb < b1; ++tb) {
         bsr_spmm_t_tblock<A, V, I, R, C>(cr, cl, vl, r, c, nbr, dyt.data() + tb * outp * TB, outp, dxt.data(), inp);

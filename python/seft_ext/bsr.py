@@ -72,7 +72,7 @@ class BSRWeight:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_dense(cls, dense: Tensor, block=(8, 8), mask: Optional[Tensor] = None,
-                   dtype: Optional[torch.dtype] = None) -> "BSRWeight":
+                   dtype: Optional[torch.dtype] = None) -> BSRWeight:
         """Keep the blocks of ``dense`` that ``mask`` selects: a per-block bool mask
         ``[ceil(out / r), ceil(in / c)]``, or a dense bool mask ``[out, in]`` that is constant on
         every block (refused otherwise). ``mask=None``: the blocks holding a non-zero."""
@@ -131,7 +131,7 @@ class BSRWeight:
         return ones != 0
 
     @classmethod
-    def from_torch_sparse(cls, t: Tensor, dtype: Optional[torch.dtype] = None) -> "BSRWeight":
+    def from_torch_sparse(cls, t: Tensor, dtype: Optional[torch.dtype] = None) -> BSRWeight:
         """From a 2-D ``torch.sparse_bsr`` tensor."""
         if not isinstance(t, Tensor) or t.layout != torch.sparse_bsr:
             _fail(f"expected a torch.sparse_bsr tensor, got {getattr(t, 'layout', type(t))}")
@@ -263,6 +263,6 @@ class BSRWeight:
         """Bytes of values, col and crow (the padding included)."""
         return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.values))
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "BSRWeight":
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> BSRWeight:
         return BSRWeight(self.crow.to(device), self.col.to(device), self.values.to(device=device, dtype=dtype),
                          self.shape)

@@ -58,7 +58,7 @@ class SparseLinear(CSRPatternMixin, nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None, block=None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Linear, mask: Optional[Tensor] = None, block=None) -> SparseLinear:
         """Keep ``linear.weight[mask]`` (``mask=None``: its non-zeros); the bias is copied.
 
         ``block=(r, c)``: a BSR weight of the blocks ``mask`` selects (a block mask
