@@ -405,3 +405,40 @@ def test_validation_names_the_argument():
     with pytest.raises(ValueError, match="int16 col cannot address"):
         BSRWeight(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int16), torch.zeros(0, 1, 1),
                   (1, 40000))
+
+
+# ------------------------------------------------------------------------------- registration
+SCHEMAS = {
+    "bsr_spmm": "seft::bsr_spmm(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features, "
+                "Tensor? bias=None) -> Tensor",
+    "bsr_spmm_t": "seft::bsr_spmm_t(Tensor grad_out, Tensor crow, Tensor col, Tensor values, int in_features) "
+                  "-> Tensor",
+    "bsr_sddmm": "seft::bsr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, int r, int c, "
+                 "Tensor? slots=None) -> Tensor",
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_op_registered_with_cpu_and_meta_kernels(name):
+    assert str(getattr(torch.ops.seft, name).default._schema) == SCHEMAS[name]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{name}", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{name}", "Meta")
+
+
+def test_isas_agree():
+    """The base and AVX2 kernels agree to the fp32 tolerance (fp64 inputs: to fp64's)."""
+    w = random_bsr(40, 70, (8, 8), 0.4, torch.float64)
+    x, dy = torch.randn(20, 70, dtype=torch.float64), torch.randn(20, 40, dtype=torch.float64)
+    results = {}
+    try:
+        for isa in ["base", "avx2"]:
+            try:
+                ops.cpu_isa(isa)
+            except RuntimeError:
+                pytest.skip("no AVX2 kernels on this CPU / build")
+            results[isa] = (ops.bsr_spmm(x, w.crow, w.col, w.values, 40),
+                            ops.bsr_spmm_t(dy, w.crow, w.col, w.values, 70), ops.bsr_sddmm(dy, x, w.crow, w.col, 8, 8))
+    finally:
+        ops.cpu_isa("auto")
+    for a, b in zip(results["base"], results["avx2"]):
+        assert_matches(a, b, torch.float64)
