@@ -1,5 +1,5 @@
 // bsr_spmm on the CPU (per-ISA): Y = X W^T + b with W in r x c blocks.
-// Parallel over block rows; each block row walks the packed token blocks with its r x TB
+// Parallel over block rows; each block row walks a group of packed token blocks with its r x TB
 // accumulators in registers (compile-time r, c for 4x4, 8x8, 16x16). Every output is summed
 // in one fixed order (blocks, then the block's columns), whatever the thread count.
 #pragma once
@@ -17,28 +17,35 @@ void bsr_spmm_brows(const int32_t* crow, const I* col, const V* val, int64_t rr,
   std::vector<A> heap(R ? 0 : size_t(r * TB));
   A local[R ? R * TB : 1];
   A* acc = R ? local : heap.data();
-  for (int64_t br = br0; br < br1; ++br) {
-    for (int64_t tb = 0; tb < ntb; ++tb) {
-      const A* x = xt + tb * inp * TB;
-      for (int64_t k = 0; k < r * TB; ++k) acc[k] = A(0);
-      for (int32_t p = crow[br]; p < crow[br + 1]; ++p) {
-        const V* w = val + int64_t(p) * r * c;
-        const A* xb = x + int64_t(col[p]) * c * TB;
-        for (int64_t j = 0; j < c; ++j) {
-          const A* xr = xb + j * TB;
+  // Token blocks in groups whose packed x (inp x TB each) fits in about 256 KiB, so the group
+  // stays in L2 while the block rows walk it; the order of each output's sum is unchanged.
+  const int64_t tile_bytes = std::max<int64_t>(1, inp * TB * int64_t(sizeof(A)));
+  const int64_t group = std::max<int64_t>(1, (int64_t(256) << 10) / tile_bytes);
+  for (int64_t g0 = 0; g0 < ntb; g0 += group) {
+    const int64_t g1 = std::min(ntb, g0 + group);
+    for (int64_t br = br0; br < br1; ++br) {
+      for (int64_t tb = g0; tb < g1; ++tb) {
+        const A* x = xt + tb * inp * TB;
+        for (int64_t k = 0; k < r * TB; ++k) acc[k] = A(0);
+        for (int32_t p = crow[br]; p < crow[br + 1]; ++p) {
+          const V* w = val + int64_t(p) * r * c;
+          const A* xb = x + int64_t(col[p]) * c * TB;
+          for (int64_t j = 0; j < c; ++j) {
+            const A* xr = xb + j * TB;
 #pragma GCC unroll 16
-          for (int64_t i = 0; i < r; ++i) {
-            const A wij = static_cast<A>(w[i * c + j]);
+            for (int64_t i = 0; i < r; ++i) {
+              const A wij = static_cast<A>(w[i * c + j]);
 #pragma GCC unroll 8
-            for (int t = 0; t < TB; ++t) acc[i * TB + t] += wij * xr[t];
+              for (int t = 0; t < TB; ++t) acc[i * TB + t] += wij * xr[t];
+            }
           }
         }
-      }
-      const int64_t nt = std::min<int64_t>(TB, T - tb * TB);
-      for (int64_t i = 0; i < r && br * r + i < out; ++i) {
-        const int64_t o = br * r + i;
-        const A b = bias ? static_cast<A>(bias[o]) : A(0);
-        for (int64_t t = 0; t < nt; ++t) y[(tb * TB + t) * out + o] = static_cast<V>(acc[i * TB + t] + b);
+        const int64_t nt = std::min<int64_t>(TB, T - tb * TB);
+        for (int64_t i = 0; i < r && br * r + i < out; ++i) {
+          const int64_t o = br * r + i;
+          const A b = bias ? static_cast<A>(bias[o]) : A(0);
+          for (int64_t t = 0; t < nt; ++t) y[(tb * TB + t) * out + o] = static_cast<V>(acc[i * TB + t] + b);
+        }
       }
     }
   }
