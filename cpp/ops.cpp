@@ -22,6 +22,17 @@ TORCH_LIBRARY(seft, m) {
   // float64 for float64 inputs, float32 otherwise.
   m.def("csr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, Tensor? slots=None) -> Tensor");
 
+  // --- BSR (cpp/cpu/bsr_*_cpu.cpp): W (out, in) in r x c blocks, cpp/common/bsr_checks.h ---
+  // crow int32 [ceil(out / r) + 1], col int16 / int32 block columns [nblocks], values
+  // [nblocks, r, c]; rows / columns of the last block row / column beyond out / in are padding.
+  // Y = X W^T (+ bias), X (..., in) -> Y (..., out_features).
+  m.def("bsr_spmm(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features, Tensor? bias=None) -> Tensor");
+  // dX = dY W, dY (..., out) -> dX (..., in_features). Deterministic, no transposed copy of W.
+  m.def("bsr_spmm_t(Tensor grad_out, Tensor crow, Tensor col, Tensor values, int in_features) -> Tensor");
+  // The gradient of blocks [n, r, c] (every block, or the blocks slots names: int64, strictly
+  // increasing), in the accumulation dtype; padding entries are 0.
+  m.def("bsr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col, int r, int c, Tensor? slots=None) -> Tensor");
+
   // --- evolution (cpp/cpu/csr_grow_scan_cpu.cpp, csr_drop_grow_adapt_cpu.cpp, csr_slot_union_cpu.cpp) ---
   // theta: the frozen base values [nnz]; delta_slots: int64, strictly increasing indices of
   // the trainable delta's slots into the CSR arrays. Positions are flat: row * in + col.

@@ -2,7 +2,7 @@
 tolerance table they compare with."""
 import torch
 
-from seft_ext import CSRWeight
+from seft_ext import BSRWeight, CSRWeight
 
 
 def random_weight(out, inn, density, dtype=torch.float32, index=None, special_rows=True, device="cpu"):
@@ -46,6 +46,47 @@ class Dense:
         g = dy.double().reshape(-1, self.shape[0]).T @ x.double().reshape(-1, self.shape[1])
         vals = g[self.rows, self.cols]
         return vals if slots is None else vals[slots]
+
+
+def random_bsr(out, inn, block, density, dtype=torch.float32, index=None, empty_rows=True, device="cpu"):
+    """A BSR weight with random values in blocks of `block`. With empty_rows: block row 0 empty,
+    block row 1 full (>= 3 block rows), the last block row empty (>= 4 block rows)."""
+    r, c = block
+    nbr, nbc = -(-out // r), -(-inn // c)
+    dense = torch.randn(out, inn, dtype=torch.float64, device=device)
+    bmask = torch.rand(nbr, nbc, device=device) < density
+    if empty_rows and nbr >= 3:
+        bmask[0] = False
+        bmask[1] = True
+    if empty_rows and nbr >= 4:
+        bmask[-1] = False
+    w = BSRWeight.from_dense(dense, block, bmask, dtype=dtype)
+    if index is not None and index != w.col.dtype:
+        w = BSRWeight(w.crow, w.col.to(index), w.values, w.shape)
+    return w
+
+
+class DenseBSR:
+    """A BSR weight densified once, in fp64, with the reference of every BSR op on it."""
+
+    def __init__(self, w):
+        self.shape, self.block, self.w = w.shape, w.block, dense64(w)
+        self.brows, self.bcols = w.block_rows(), w.col.long()
+
+    def spmm(self, x, bias=None):
+        return Dense.spmm(self, x, bias)
+
+    def spmm_t(self, dy):
+        return Dense.spmm_t(self, dy)
+
+    def sddmm(self, dy, x, slots=None):  # (dY^T X) on the blocks (padding 0), [n, r, c]
+        (out, inn), (r, c) = self.shape, self.block
+        g = dy.double().reshape(-1, out).T @ x.double().reshape(-1, inn)
+        nbr, nbc = -(-out // r), -(-inn // c)
+        p = g.new_zeros(nbr * r, nbc * c)
+        p[:out, :inn] = g
+        blocks = p.view(nbr, r, nbc, c).permute(0, 2, 1, 3)[self.brows, self.bcols]
+        return blocks if slots is None else blocks[slots]
 
 
 def spmm_ref(x, w, bias=None):

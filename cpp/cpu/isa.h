@@ -19,6 +19,14 @@ struct IsaKernels {
   // dy: (T, out), x: (T, in) contiguous; slots undefined -> every non-zero.
   at::Tensor (*sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                       const at::Tensor& slots);
+  // BSR (values [nblocks, r, c]): the same three ops on r x c blocks (bsr_<op>_kernel.h).
+  at::Tensor (*bsr_spmm)(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                         int64_t out_features, const std::optional<at::Tensor>& bias);
+  at::Tensor (*bsr_spmm_t)(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, int64_t in_features);
+  // slots undefined -> every block; returns [n, r, c] in the accumulation dtype.
+  at::Tensor (*bsr_sddmm)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          int64_t r, int64_t c, const at::Tensor& slots);
 };
 
 namespace base { extern const IsaKernels kernels; }

@@ -7,6 +7,7 @@ from . import _lib  # noqa: F401 (loads the operator library)
 from ._lib import build_info
 from . import ops
 from .sparse import CSRWeight
+from .bsr import BSRWeight
 from .layer import SparseLinear
 from .config import SEFTConfig
 from .seft_linear import SEFTLinear
@@ -18,6 +19,6 @@ from . import prune
 
 __version__ = "0.1.0"
 
-__all__ = ["CSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTController", "convert_to_seft",
+__all__ = ["CSRWeight", "BSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTController", "convert_to_seft",
            "seft_layers", "save_pretrained", "from_pretrained", "merge_and_unload", "trainable_parameters",
            "print_trainable_parameters", "prune", "ops", "build_info", "__version__"]

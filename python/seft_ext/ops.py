@@ -166,6 +166,113 @@ if _lib.load_error is None:
     torch.library.register_autograd("seft::csr_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
 
 
+# ---------------------------------------------------------------- BSR ops
+# A BSR weight of shape (out, in) in r x c blocks is (crow int32 [ceil(out / r) + 1], col int16 /
+# int32 block columns [nblocks], values [nblocks, r, c]); see :class:`seft_ext.BSRWeight`.
+def bsr_spmm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, out_features: int,
+             bias: Optional[Tensor] = None) -> Tensor:
+    """``Y = X W^T (+ bias)`` with W in blocks, x (..., in); returns (..., out_features) in x's dtype."""
+    _lib.require_library()
+    return torch.ops.seft.bsr_spmm(x, crow, col, values, out_features, bias)
+
+
+def bsr_spmm_t(grad_out: Tensor, crow: Tensor, col: Tensor, values: Tensor, in_features: int) -> Tensor:
+    """``dX = dY W`` with W in blocks, grad_out (..., out); returns (..., in_features). Deterministic."""
+    _lib.require_library()
+    return torch.ops.seft.bsr_spmm_t(grad_out, crow, col, values, in_features)
+
+
+def bsr_sddmm(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, r: int, c: int,
+              slots: Optional[Tensor] = None) -> Tensor:
+    """The gradient of the blocks, ``[n, r, c]``: ``g[s, i, j] = sum_t dY[t, br * r + i] X[t, bc * c + j]``
+    for block ``slots[s]`` (every block when None; int64, strictly increasing). float64 for float64
+    inputs, float32 otherwise; entries in the padding (beyond out / in) are 0."""
+    _lib.require_library()
+    return torch.ops.seft.bsr_sddmm(grad_out, x, crow, col, r, c, slots)
+
+
+if _lib.load_error is None:
+
+    @torch.library.register_fake("seft::bsr_spmm")
+    def _bsr_spmm_fake(x, crow, col, values, out_features, bias=None):
+        _same_device("bsr_spmm", x=x, crow=crow, col=col, values=values, bias=bias)
+        torch._check(x.dtype == values.dtype, lambda: "bsr_spmm: x and values must have the same dtype")
+        torch._check(values.dim() == 3, lambda: "bsr_spmm: values must be 3-D [nblocks, r, c]")
+        torch._check(crow.dim() == 1 and col.dim() == 1, lambda: "bsr_spmm: crow and col must be 1-D")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("seft::bsr_spmm_t")
+    def _bsr_spmm_t_fake(grad_out, crow, col, values, in_features):
+        _same_device("bsr_spmm_t", grad_out=grad_out, crow=crow, col=col, values=values)
+        torch._check(grad_out.dtype == values.dtype, lambda: "bsr_spmm_t: grad_out and values dtypes differ")
+        torch._check(values.dim() == 3, lambda: "bsr_spmm_t: values must be 3-D [nblocks, r, c]")
+        return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    @torch.library.register_fake("seft::bsr_sddmm")
+    def _bsr_sddmm_fake(grad_out, x, crow, col, r, c, slots=None):
+        _same_device("bsr_sddmm", grad_out=grad_out, x=x, crow=crow, col=col, slots=slots)
+        n = col.shape[0] if slots is None else slots.shape[0]
+        return x.new_empty((n, r, c), dtype=acc_dtype(x.dtype))
+
+    # bsr_spmm: y = x W^T + b
+    def _bsr_spmm_setup(ctx, inputs, output):
+        x, crow, col, values, out_features, bias = inputs
+        ctx.save_for_backward(x, crow, col, values)
+        ctx.has_bias = bias is not None
+
+    def _bsr_spmm_backward(ctx, grad):
+        x, crow, col, values = ctx.saved_tensors
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.seft.bsr_spmm_t(grad, crow, col, values, x.shape[-1])
+        if ctx.needs_input_grad[3]:
+            gv = torch.ops.seft.bsr_sddmm(grad, x, crow, col, values.shape[1], values.shape[2],
+                                          None).to(values.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, None, gv, None, gb
+
+    torch.library.register_autograd("seft::bsr_spmm", _bsr_spmm_backward, setup_context=_bsr_spmm_setup)
+
+    # bsr_spmm_t: dx = dy W
+    def _bsr_spmm_t_setup(ctx, inputs, output):
+        grad_out, crow, col, values, _ = inputs
+        ctx.save_for_backward(grad_out, crow, col, values)
+
+    def _bsr_spmm_t_backward(ctx, gg):
+        grad_out, crow, col, values = ctx.saved_tensors
+        g_dy = g_v = None
+        if ctx.needs_input_grad[0]:
+            g_dy = torch.ops.seft.bsr_spmm(gg, crow, col, values, grad_out.shape[-1], None)
+        if ctx.needs_input_grad[3]:
+            g_v = torch.ops.seft.bsr_sddmm(grad_out, gg, crow, col, values.shape[1], values.shape[2],
+                                           None).to(values.dtype)
+        return g_dy, None, None, g_v, None
+
+    torch.library.register_autograd("seft::bsr_spmm_t", _bsr_spmm_t_backward, setup_context=_bsr_spmm_t_setup)
+
+    # bsr_sddmm: g[s] = (dY^T X) on block slots[s]
+    def _bsr_sddmm_setup(ctx, inputs, output):
+        grad_out, x, crow, col, r, c, slots = inputs
+        ctx.save_for_backward(grad_out, x, crow, col, slots)
+        ctx.block = (r, c)
+
+    def _bsr_sddmm_backward(ctx, gg):
+        grad_out, x, crow, col, slots = ctx.saved_tensors
+        r, c = ctx.block
+        full = gg.to(x.dtype)
+        if slots is not None:
+            full = x.new_zeros((col.shape[0], r, c)).index_copy(0, slots, full)
+        g_dy = g_x = None
+        if ctx.needs_input_grad[0]:
+            g_dy = torch.ops.seft.bsr_spmm(x, crow, col, full, grad_out.shape[-1], None)
+        if ctx.needs_input_grad[1]:
+            g_x = torch.ops.seft.bsr_spmm_t(grad_out, crow, col, full, x.shape[-1])
+        return g_dy, g_x, None, None, None, None, None
+
+    torch.library.register_autograd("seft::bsr_sddmm", _bsr_sddmm_backward, setup_context=_bsr_sddmm_setup)
+
+
 # ---------------------------------------------------------------- evolution ops
 def csr_grow_scan(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, theta: Tensor, delta_slots: Tensor,
                   num_grow: int, num_prune: int, budget: str = "layer", nm_n: int = 2, nm_m: int = 4,
