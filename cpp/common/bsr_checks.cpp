@@ -103,10 +103,10 @@ void check_bsr_sddmm_args(const char* op, const at::Tensor& grad_out, const at::
               x.scalar_type());
   check_bsr(op, crow, col, nullptr, r, c, grad_out.size(-1), x.device(), check_offsets);
   check_dense(op, "grad_out", grad_out, grad_out.size(-1), x.scalar_type(), x.device());
-  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(grad_out.size(-1), 1) ==
-                      x.numel() / std::max<int64_t>(x.size(-1), 1) &&
-                  grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-              op, ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same leading dimensions");
+  TORCH_CHECK(
+      grad_out.numel() / std::max<int64_t>(grad_out.size(-1), 1) == x.numel() / std::max<int64_t>(x.size(-1), 1) &&
+          grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+      op, ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " must have the same leading dimensions");
   if (slots && slots->defined()) {
     TORCH_CHECK(slots->device() == x.device(), op, ": slots is on ", slots->device(), " but the input is on ",
                 x.device());
