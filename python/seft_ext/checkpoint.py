@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names its file."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -55,7 +55,7 @@ def _debug_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Write through a temporary name and a rename; a failed write leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -107,10 +107,10 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
                        for n, m in layers.items()}}
     info = json.loads(json.dumps(info, default=str))  # the form it is read back in
     st = folder / f"step-{step}.safetensors"
-    _write_atomic(st, lambda p: (save_file(tensors, str(p), metadata={META_KEY: json.dumps(info, sort_keys=True)}),
+    write_atomic(st, lambda p: (save_file(tensors, str(p), metadata={META_KEY: json.dumps(info, sort_keys=True)}),
                                  _debug_kill(step)))
-    _write_atomic(folder / f"step-{step}.json",
-                  lambda p: p.write_text(json.dumps({"sha256": _sha256(st), **info}, indent=1)))
+    write_atomic(folder / f"step-{step}.json",
+                  lambda p: p.write_text(json.dumps({"sha256": sha256_file(st), **info}, indent=1)))
     _rotate(folder, meta.get("run_id"), keep)
     return st
 
@@ -174,7 +174,7 @@ def latest(folder: Path) -> tuple[dict, Path]:
         if not st.is_file():
             problems.append(f"step {step}: tensor file missing")
             continue
-        if _sha256(st) != info.pop("sha256", None):
+        if sha256_file(st) != info.pop("sha256", None):
             problems.append(f"step {step}: tensor file truncated or modified (sha256 differs)")
             continue
         try:

@@ -24,6 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import sha256_file, write_atomic
 from .config import SEFTConfig
 from .convert import seft_layers
 from .layer import SparseLinear
@@ -109,32 +110,16 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, Path], base_mod
     trained = {n: p for n, p in base_tensors(model, frozen_only=False).items()
                if isinstance(p, nn.Parameter) and p.requires_grad}  # trained outside the SEFT layers
     tensors.update({f"extra.{n}": p.detach().cpu().contiguous().clone() for n, p in trained.items()})
-    _write_atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    write_atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     info = {"format": FORMAT, "versions": _versions(),
             "seft_config": None if config is None else config.to_dict(),
             "target_modules": list(layers), "layers": {n: _layer_spec(m) for n, m in layers.items()},
             "trained_outside": sorted(trained),
             "base_model": {"name_or_path": base_model_name_or_path or _base_name(model),
                            "fingerprint": fingerprint(base_tensors(model))},
-            "sha256": _sha256(folder / WEIGHTS_NAME)}
-    _write_atomic(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(info, indent=1) + "\n"))
+            "sha256": sha256_file(folder / WEIGHTS_NAME)}
+    write_atomic(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(info, indent=1) + "\n"))
     return folder
-
-
-def _write_atomic(path: Path, write) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- load
@@ -160,7 +145,7 @@ def _load_tensors(folder: Path, info: dict) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: {WEIGHTS_NAME} is missing")
-    if _sha256(path) != info.get("sha256"):
+    if sha256_file(path) != info.get("sha256"):
         raise ValueError(f"{path}: truncated or modified (its SHA-256 differs from {CONFIG_NAME})")
     return load_file(str(path))
 
