@@ -77,6 +77,32 @@ def test_ties_go_to_the_lower_block(budget):
             assert torch.equal(magnitude_mask(w, s, budget, block=block), ref_block_mask(w.abs(), block, s, budget))
 
 
+def test_edge_blocks_score_the_sum_of_their_real_weights():
+    # 2 x 2 blocks: sums 6, 5 / 4, 9 (means 1.5, 2.5 / 2, 9): the full block outranks the partial ones
+    w = torch.tensor([[1.5, 1.5, 2.5], [1.5, 1.5, 2.5], [2.0, 2.0, 9.0]])
+    expect = {0.5: [[1, 1, 0], [1, 1, 0], [0, 0, 1]], 0.25: [[1, 1, 1], [1, 1, 1], [0, 0, 1]]}
+    for s, m in expect.items():
+        assert torch.equal(magnitude_mask(w, s, "layer", block=(2, 2)), torch.tensor(m, dtype=torch.bool))
+    assert torch.equal(magnitude_mask(w, 0.5, "row", block=(2, 2)), torch.tensor(expect[0.5], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape, block", [((7, 12), (2, 5)), ((9, 10), (4, 3)), ((13, 9), (5, 4))])
+@pytest.mark.parametrize("budget", ["layer", "row"])
+def test_edge_blocks_compete_with_full_ones(shape, block, budget):
+    """Partial blocks' weights scaled up so their sums are as large as full blocks' on average:
+    the ranking then depends on how edge blocks are scored."""
+    torch.manual_seed(5)
+    r, c = block
+    w = torch.randn(*shape, dtype=torch.float64)
+    w[shape[0] // r * r:] *= r / (shape[0] % r)
+    w[:, shape[1] // c * c:] *= c / (shape[1] % c)
+    sq = torch.rand(shape[1], dtype=torch.float64)
+    for s in SPARSITIES[1:]:
+        assert torch.equal(magnitude_mask(w, s, budget, block=block), ref_block_mask(w.abs(), block, s, budget))
+        assert torch.equal(wanda_mask(w, sq, s, budget, block=block),
+                           ref_block_mask(w.abs() * sq.sqrt(), block, s, budget))
+
+
 @pytest.mark.parametrize("shape, block", SHAPES)
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
 def test_exact_block_counts_and_constant_blocks(shape, block, sparsity):
