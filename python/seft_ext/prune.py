@@ -177,7 +177,7 @@ def _check_sparsegpt(weight: Tensor, hessian: Tensor, sparsity: float, budget: s
         raise ValueError(f"prune: hessian must be a finite ({inn}, {inn}) matrix, got {tuple(hessian.shape)}")
     if budget not in BUDGETS:
         raise ValueError(f"prune: budget must be one of {BUDGETS}, got {budget!r}")
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+    if not isinstance(blocksize, numbers.Integral) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"prune: blocksize must be a positive int, got {blocksize!r}")
     n_keep, m = nm
     if budget == "nm" and (not (1 <= n_keep <= m) or inn % m or blocksize % m):
