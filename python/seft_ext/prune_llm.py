@@ -13,7 +13,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .prune import magnitude_mask, sparsegpt_prune, wanda_mask
+from .config import BUDGETS
+from .prune import check_block, magnitude_mask, sparsegpt_prune, wanda_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -80,16 +81,23 @@ def _with_hidden(args, kwargs, h):
 @torch.no_grad()
 def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "row", nm: tuple[int, int] = (2, 4),
                 calibration: Optional[Iterable[Tensor]] = None, exclude: Iterable[str] = (),
-                progress: bool = True) -> dict[str, Tensor]:
+                progress: bool = True, block: Optional[tuple[int, int]] = None) -> dict[str, Tensor]:
     """Prune every nn.Linear inside the decoder layers in place (pruned weights set to 0;
     SparseGPT also updates the kept ones). Returns ``{module name: keep mask}``.
 
     ``calibration``: token-id batches (LongTensor (B, L)), needed by wanda / sparsegpt.
-    ``budget``: layer | row | nm (see seft_ext.prune)."""
+    ``budget``: layer | row | nm (see seft_ext.prune). ``block=(r, c)``: prune whole r x c
+    blocks (layer or row budget; the masks are constant on each block)."""
     if method not in METHODS:
         raise ValueError(f"prune_model: method must be one of {METHODS}, got {method!r}")
     if not (0.0 <= sparsity < 1.0):
         raise ValueError(f"prune_model: sparsity must be in [0, 1), got {sparsity}")
+    if budget not in BUDGETS:
+        raise ValueError(f"prune_model: budget must be one of {BUDGETS}, got {budget!r}")
+    try:
+        block = check_block(block, budget)
+    except ValueError as e:
+        raise ValueError(f"prune_model: {str(e).removeprefix('prune: ')}") from None
     layers = decoder_layers(model)
     exclude = tuple(exclude)
     _require_linears(model, layers, exclude)
@@ -98,7 +106,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "r
     if method == "magnitude":
         for i, layer in enumerate(layers):
             for name, lin in _linears(layer, exclude).items():
-                mask = magnitude_mask(lin.weight, sparsity, budget, nm)
+                mask = magnitude_mask(lin.weight, sparsity, budget, nm, block)
                 lin.weight.mul_(mask)
                 masks[f"{prefix}.{i}.{name}"] = mask
         return masks
@@ -139,10 +147,10 @@ def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "r
             if name not in stats:
                 raise RuntimeError(f"prune_model: {prefix}.{i}.{name} saw no calibration input")
             if method == "wanda":
-                mask = wanda_mask(lin.weight, stats[name], sparsity, budget, nm)
+                mask = wanda_mask(lin.weight, stats[name], sparsity, budget, nm, block)
                 lin.weight.mul_(mask)
             else:
-                mask, new_w = sparsegpt_prune(lin.weight, stats[name], sparsity, budget, nm)
+                mask, new_w = sparsegpt_prune(lin.weight, stats[name], sparsity, budget, nm, block=block)
                 lin.weight.copy_(new_w.to(lin.weight.dtype))
             masks[f"{prefix}.{i}.{name}"] = mask
         stats = None  # free the layer's statistics
