@@ -520,3 +520,47 @@ def test_tiny_llama_trains_with_4x4_blocks():
     moved = sum(not torch.equal(m.slot_positions(), start[n][1]) for n, m in layers.items())
     assert moved > 0 and len(ctl.history) > 0
     assert math.isfinite(losses[-1])
+
+
+def test_training_checkpoint_resume_is_exact(tmp_path):
+    """seft_ext.checkpoint (the driver's checkpoints) saves and restores block layers and their
+    in-flight window: the resumed run continues bit for bit."""
+    pytest.importorskip("safetensors")
+    from seft_ext import checkpoint
+
+    cfg = SEFTConfig(sparsity=0.5, block=(4, 4), k=48, update_interval=3, grow_accumulation=2, scan_sketch=0,
+                     drop_fraction=1.0)
+
+    def dense():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 18, dtype=torch.float64), nn.Tanh(), nn.Linear(18, 8, dtype=torch.float64))
+
+    def run(model, opt, ctl, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            model(torch.randn(4, 12, generator=g, dtype=torch.float64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ctl.step()
+
+    model = dense()
+    convert_to_seft(model, cfg, exclude=())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, amsgrad=True)
+    ctl = SEFTController(model, opt, cfg, total_steps=24)
+    run(model, opt, ctl, 5, 0)  # inside the window of the evolution step at 6
+    assert model[0].window.tracked is not None
+    data_rng = torch.Generator().manual_seed(5)
+    checkpoint.save(tmp_path, 5, model, opt, ctl, data_rng, {"run_id": "r", "args": {}, "summary": {}})
+    run(model, opt, ctl, 6, 1)
+
+    info, st = checkpoint.latest(tmp_path)
+    resumed = dense()
+    tensors = checkpoint.restore(info, st, resumed)
+    assert isinstance(resumed[0], SEFTBlockLinear) and resumed[0].block == (4, 4)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2, amsgrad=True)
+    ctl2 = SEFTController(resumed, opt2, cfg, total_steps=24)
+    checkpoint.restore_training(info, tensors, opt2, ctl2, torch.Generator(), st)
+    run(resumed, opt2, ctl2, 6, 1)
+    assert len(ctl.history) == 3 and len(ctl2.history) == 2
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
