@@ -564,3 +564,19 @@ def test_training_checkpoint_resume_is_exact(tmp_path):
     assert len(ctl.history) == 3 and len(ctl2.history) == 2
     for name, t in model.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name
+
+
+def test_sparse_export_round_trip(tmp_path):
+    """hf.export_sparse writes block layers as BSR; load_sparse reads them back as SparseLinear(block)."""
+    pytest.importorskip("safetensors")
+    from seft_ext import hf
+
+    model, _, ids = trained_tiny()
+    with torch.no_grad():
+        ref = model(ids)
+    hf.export_sparse(model, tmp_path / "sparse.safetensors")
+    fresh = Tiny()
+    assert hf.load_sparse(fresh, tmp_path / "sparse.safetensors") == ["up", "down"]
+    assert fresh.up.block == (4, 4) and torch.equal(fresh.up.to_dense(), model.up.to_dense())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), ref, rtol=1e-5, atol=1e-5)
