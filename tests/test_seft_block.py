@@ -580,3 +580,70 @@ def test_sparse_export_round_trip(tmp_path):
     assert fresh.up.block == (4, 4) and torch.equal(fresh.up.to_dense(), model.up.to_dense())
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- two ranks
+def ddp_train(rank, world, group_kw):
+    """16 steps of block_model on a global batch of 8 split over the ranks; the first window's
+    sums as the first decision sees them, the topology hash and the evolution history."""
+    from seft_ext.distributed import topology_hash
+
+    model = block_model()
+    layers = [model[0], model[2]]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    opt = torch.optim.AdamW([m.delta for m in layers], lr=2e-2)
+    cfg = SEFTConfig(update_interval=3, grow_accumulation=2, scan_sketch=0, drop_fraction=0.5, block=(4, 4))
+    ctl = SEFTController(model, opt, cfg, 16, **group_kw)
+    seen, evolve_all = {}, ctl._evolve_all
+
+    def recording(t):
+        if not seen:
+            seen.update({n: dict(zip(map(str, m.window.tracked.tolist()), m.window.gsum.tolist()))
+                         for n, m in ctl.layers.items()})
+        return evolve_all(t)
+    ctl._evolve_all = recording
+    g = torch.Generator().manual_seed(1)
+    for _ in range(16):
+        x, y = torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
+        ((net(x[rank::world]) - y[rank::world]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    return {"hash": topology_hash(layers), "window": seen,
+            "history": [(t, {n: r.get("grown", 0) for n, r in rep.items()}) for t, rep in ctl.history]}
+
+
+def ddp_worker(rank, world, init_file, out_dir):
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        res = ddp_train(rank, world, {"process_group": "auto"})
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_share_block_statistics_and_topology(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["hash"] == r1["hash"] and r0["history"] == r1["history"] and r0["window"] == r1["window"]
+    assert len(r0["history"]) == 3 and sum(v for _, rep in r0["history"] for v in rep.values()) > 0
+    single = ddp_train(0, 1, {})
+    common = 0  # the summed blocks over 2 ranks are those of the global batch, where both track
+    for name, sums in single["window"].items():
+        for pos, blk in sums.items():
+            if pos in r0["window"][name]:
+                common += 1
+                torch.testing.assert_close(torch.tensor(r0["window"][name][pos]), torch.tensor(blk),
+                                           rtol=1e-9, atol=1e-15)
+    assert common > 0
