@@ -318,6 +318,26 @@ def test_pruned_block_with_a_large_gradient_is_reactivated():
     assert target in layer_state(layer)[0]
 
 
+def test_nan_in_the_window_skips_the_step_and_changes_nothing():
+    model = block_model()
+    cfg = SEFTConfig(update_interval=2, grow_accumulation=2, drop_fraction=0.5, block=(4, 4))
+    opt = torch.optim.SGD([model[0].delta, model[2].delta], lr=0.0)
+    ctl = SEFTController(model, opt, cfg, total_steps=8)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    x = torch.randn(6, 12, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    model(x).sum().backward()
+    opt.zero_grad()
+    ctl.step()
+    model(x).sum().backward()
+    opt.zero_grad()
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        report = ctl.step()
+    assert report == {"0": {"skipped": "non-finite statistics"}, "2": {"skipped": "non-finite statistics"}}
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+
+
 @pytest.mark.parametrize("seed_optimizer", [True, False])
 def test_optimizer_state_follows_the_blocks(seed_optimizer):
     layer = random_block_layer(12, 16, (4, 4), density=0.5, k=4, seed=2)
@@ -482,6 +502,17 @@ def test_layer_rejects_bad_input():
         SEFTBlockLinear(base, 1, method="x")
     with pytest.raises(ValueError, match="bias"):
         SEFTBlockLinear(base, 1, bias=torch.zeros(7))
+    layer = SEFTBlockLinear(base, 2)
+    with pytest.raises(ValueError, match="gsum must be floating \\[1, 4, 4\\]"):
+        layer.evolve_(1, torch.tensor([3]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="tracked must be 1-D int64"):
+        layer.evolve_(1, torch.tensor([3.0]), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="num_drop"):
+        layer.evolve_(3, torch.tensor([3]), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="out of range"):
+        layer.evolve_(1, torch.tensor([4]), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="config must be a SEFTConfig with block"):
+        SEFTBlockLinear.from_linear(nn.Linear(8, 8), SEFTConfig())
 
 
 # ---------------------------------------------------------------------- a tiny LLaMA

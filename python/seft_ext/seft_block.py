@@ -338,12 +338,31 @@ def _carry(old_pos: Tensor, values: Tensor, new_pos: Tensor) -> Tensor:
     return out
 
 
+def _check_step_args(layer, num_drop, tracked, gsum) -> None:
+    def bad(msg):
+        raise ValueError(f"evolve_blocks_: {msg}")
+
+    if not isinstance(num_drop, int) or isinstance(num_drop, bool) or not 0 <= num_drop <= layer.k:
+        bad(f"num_drop must be an int in [0, k = {layer.k}], got {num_drop!r}")
+    if not (isinstance(tracked, Tensor) and tracked.dim() == 1 and tracked.dtype == torch.int64):
+        bad(f"tracked must be 1-D int64 grid positions, got {getattr(tracked, 'dtype', type(tracked))}")
+    grid = layer.grid_shape[0] * layer.grid_shape[1]
+    if tracked.numel() and (int(tracked.min()) < 0 or int(tracked.max()) >= grid
+                            or bool((tracked[1:] <= tracked[:-1]).any())):
+        bad(f"tracked must be strictly increasing grid positions in [0, {grid}) (out of range or out of order)")
+    if not (isinstance(gsum, Tensor) and gsum.is_floating_point()
+            and tuple(gsum.shape) == (tracked.numel(), *layer.block)):
+        bad(f"gsum must be floating [{tracked.numel()}, {layer.block[0]}, {layer.block[1]}] (one block per "
+            f"tracked block), got {getattr(gsum, 'shape', type(gsum))}")
+
+
 @torch.no_grad()
 def evolve_blocks_(layer: SEFTBlockLinear, num_drop: int, tracked: Tensor, gsum: Tensor) -> tuple[Tensor, Tensor]:
     """One drop / grow / adapt step of a block layer, in place: SEFT's rules with a block as the
     unit (csr_drop_grow_adapt_ on the grid, see :func:`grid_scores`). Returns ``(remap, counts)``
     as that op: ``remap[new slot]`` = old slot or -1 (grown, zero); counts = [dropped, grown,
     reactivated, pruned, undropped]. The layer keeps its block count (per block row for ``row``)."""
+    _check_step_args(layer, num_drop, tracked, gsum)
     width = layer.grid_shape[1]
     crow, col, slots = (t.detach().cpu().clone() for t in (layer.crow, layer.col, layer.delta_slots))
     theta, delta = layer.theta.detach().cpu(), layer.delta.detach().cpu()
