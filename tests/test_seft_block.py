@@ -243,6 +243,44 @@ def test_adapt_prunes_the_least_sensitive_block_not_the_smallest_gradient(budget
     assert counts.tolist() == [1, 1, 1, 1, 0]
 
 
+def reference_scan(layer, x, dy, num_grow, num_prune):
+    """The tracked blocks of a window's first pass, from the dense fp64 gradient (plain Python)."""
+    (r, c), (nbr, nbc) = layer.block, layer.grid_shape
+    g = torch.zeros(nbr * r, nbc * c, dtype=torch.float64)
+    g[:layer.out_features, :layer.in_features] = dy.double().T @ x.double()
+    blocks = g.view(nbr, r, nbc, c).permute(0, 2, 1, 3).reshape(nbr * nbc, r, c)
+    theta, delta = layer_state(layer)
+    outside = [p for p in range(nbr * nbc) if p not in delta]
+    grow = sorted([p for p in outside if p in theta or layer.grow_inactive],
+                  key=lambda p: (-float(blocks[p].norm()), p))[:num_grow]
+    sens = {p: float((theta[p] * blocks[p]).abs().sum()) for p in outside if p in theta}
+    if num_prune == 0:
+        prune = []
+    elif layer.budget == "layer":
+        prune = sorted(sens, key=lambda p: (sens[p], p))[:num_prune]
+    else:
+        per_row = math.ceil(num_prune / nbr)
+        prune = [p for i in range(nbr) for p in sorted([q for q in sens if q // nbc == i],
+                                                       key=lambda q: (sens[q], q))[:per_row]]
+    return sorted(set(grow) | set(prune))
+
+
+@pytest.mark.parametrize("budget, method", [("layer", "seft"), ("row", "seft"), ("layer", "spiel")])
+@pytest.mark.parametrize("seed", range(4))
+def test_scan_tracks_the_reference_blocks(seed, budget, method):
+    from seft_ext.seft_block import scan_blocks
+    from seft_ext.window import ScanPlan
+
+    layer = random_block_layer(*[(13, 22), (24, 16)][seed % 2], [(4, 3), (8, 4)][seed % 2], density=0.5, k=3,
+                               seed=seed, budget=budget, method=method, empty_row=1)
+    x, dy = torch.randn(9, layer.in_features, dtype=torch.float64), torch.randn(9, layer.out_features,
+                                                                               dtype=torch.float64)
+    num_prune = 4 if method == "seft" else 0
+    tracked, nbytes, finite = scan_blocks(layer, x, dy, ScanPlan(4, num_prune, 0, 0))
+    assert finite and nbytes > 0
+    assert tracked.tolist() == reference_scan(layer, x, dy, 4, num_prune)
+
+
 # ---------------------------------------------------------------------- under the controller
 def block_model(budget="layer", method="seft", k=6, seed=0, dtype=torch.float64):
     layers = [random_block_layer(out, inn, (4, 4), density=0.5, k=k, seed=seed + i, dtype=dtype, budget=budget,
