@@ -716,3 +716,13 @@ def test_two_ranks_share_block_statistics_and_topology(tmp_path):
                 torch.testing.assert_close(torch.tensor(r0["window"][name][pos]), torch.tensor(blk),
                                            rtol=1e-9, atol=1e-15)
     assert common > 0
+
+
+def test_peft_export_refuses_block_layers(tmp_path):
+    from seft_ext.peft_export import export_peft
+
+    model, _, _ = trained_tiny()
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="export_peft: layer 'up' is in \\(4, 4\\) blocks"):
+        export_peft(model, None, tmp_path)
+    assert not any(tmp_path.iterdir())
