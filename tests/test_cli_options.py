@@ -12,7 +12,7 @@ from seft_ext import SEFTConfig  # noqa: E402
 from seft_ext.cli import parser, main  # noqa: E402
 from seft_ext.pipeline import RESUME_KEYS, options, seft_config  # noqa: E402
 
-SET_FROM_PATTERN = {"nm_n", "nm_m"}
+SET_FROM_PATTERN = {"nm_n", "nm_m", "block"}
 
 
 def test_every_config_field_is_an_option_with_its_default_shown(capsys):

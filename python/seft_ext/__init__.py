@@ -11,6 +11,7 @@ from .bsr import BSRWeight
 from .layer import SparseLinear
 from .config import SEFTConfig
 from .seft_linear import SEFTLinear
+from .seft_block import SEFTBlockLinear
 from .evolve import SEFTController
 from .convert import convert_to_seft, seft_layers
 from .persist import from_pretrained, merge_and_unload, print_trainable_parameters, save_pretrained, \
@@ -19,6 +20,7 @@ from . import prune
 
 __version__ = "0.1.0"
 
-__all__ = ["CSRWeight", "BSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTController", "convert_to_seft",
+__all__ = ["CSRWeight", "BSRWeight", "SparseLinear", "SEFTConfig", "SEFTLinear", "SEFTBlockLinear",
+           "SEFTController", "convert_to_seft",
            "seft_layers", "save_pretrained", "from_pretrained", "merge_and_unload", "trainable_parameters",
            "print_trainable_parameters", "prune", "ops", "build_info", "__version__"]

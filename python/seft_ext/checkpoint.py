@@ -25,6 +25,8 @@ from .config import BUDGETS, METHODS
 from .convert import seft_layers
 from .ops import acc_dtype
 from .modules import freeze_all_but_deltas, replace_module
+from .bsr import BSRWeight
+from .seft_block import SEFTBlockLinear
 from .seft_linear import SEFTLinear
 from .window import EvolutionWindow
 from .sparse import CSRWeight
@@ -103,7 +105,8 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
             "windows": win_scalars,
             "layers": {n: {"shape": [m.out_features, m.in_features], "k": m.k, "budget": m.budget,
                            "nm": [m.nm_n, m.nm_m], "method": m.method, "dense_compute": m.dense_compute,
-                           "bias": m.bias is not None, "dtype": str(m.theta.dtype).replace("torch.", "")}
+                           "bias": m.bias is not None, "dtype": str(m.theta.dtype).replace("torch.", ""),
+                           "block": None if m.block is None else list(m.block)}
                        for n, m in layers.items()}}
     info = json.loads(json.dumps(info, default=str))  # the form it is read back in
     st = folder / f"step-{step}.safetensors"
@@ -268,6 +271,9 @@ def _check_layer_spec(name: str, spec, need) -> None:
     need(isinstance(spec.get("dense_compute"), bool) and isinstance(spec.get("bias"), bool),
          f"layer {name!r}: dense_compute / bias not booleans")
     need(spec.get("dtype") in DTYPES, f"layer {name!r}: dtype {spec.get('dtype')!r} not one of {sorted(DTYPES)}")
+    block = spec.get("block")
+    need(block is None or (isinstance(block, list) and len(block) == 2 and all(_is_int(v) and v >= 1 for v in block)
+                           and spec["budget"] != "nm"), f"layer {name!r}: bad block {block!r}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -302,20 +308,27 @@ def _checked_layer(name: str, spec: dict, tensors: dict, target, need) -> SEFTLi
          f"layer {name!r}: the model has no nn.Linear ({out}, {inn}){' with' if spec['bias'] else ' without'} bias "
          f"there (found {type(target).__name__})")
     need(get("theta").dtype == dtype, f"layer {name!r}: theta is {get('theta').dtype}, the spec says {dtype}")
+    block = spec.get("block")
+    need(block is None or (get("theta").dim() == 3 and list(get("theta").shape[1:]) == block),
+         f"layer {name!r}: theta must be [blocks, {block}] for its block")
     try:
-        base = CSRWeight(get("crow"), get("col"), get("theta"), (out, inn))
+        base = CSRWeight(get("crow"), get("col"), get("theta"), (out, inn)) if block is None else \
+            BSRWeight(get("crow"), get("col"), get("theta"), (out, inn))
     except ValueError as e:
         need(False, f"layer {name!r}: {e}")
     slots, delta, bias = get("delta_slots"), get("delta"), get("bias")
+    units = base.col.numel()  # non-zeros, or blocks
     need(slots.dtype == torch.int64 and slots.shape == (k,), f"layer {name!r}: delta_slots must be int64 [{k}]")
-    need(bool((slots[1:] > slots[:-1]).all()) and int(slots[0]) >= 0 and int(slots[-1]) < base.nnz,
-         f"layer {name!r}: delta_slots not strictly increasing within [0, {base.nnz})")
-    need(delta.dtype == acc_dtype(dtype) and delta.shape == (k,) and bool(torch.isfinite(delta).all()),
-         f"layer {name!r}: delta must be finite {acc_dtype(dtype)} [{k}]")
+    need(bool((slots[1:] > slots[:-1]).all()) and int(slots[0]) >= 0 and int(slots[-1]) < units,
+         f"layer {name!r}: delta_slots not strictly increasing within [0, {units})")
+    dshape = (k,) if block is None else (k, *block)
+    need(delta.dtype == acc_dtype(dtype) and delta.shape == dshape and bool(torch.isfinite(delta).all()),
+         f"layer {name!r}: delta must be finite {acc_dtype(dtype)} {list(dshape)}")
     need(bias is None or (bias.dtype == dtype and bias.shape == (out,)),
          f"layer {name!r}: bias must be {dtype} [{out}]")
     try:
-        layer = SEFTLinear(base, k, bias, spec["budget"], tuple(spec["nm"]), spec["method"])
+        layer = SEFTLinear(base, k, bias, spec["budget"], tuple(spec["nm"]), spec["method"]) if block is None else \
+            SEFTBlockLinear(base, k, bias, spec["budget"], spec["method"])
     except ValueError as e:
         need(False, f"layer {name!r}: {e}")
     layer.dense_compute = spec["dense_compute"]
@@ -413,14 +426,17 @@ def _checked_window(name: str, scal: dict, tensors: dict, layer, need) -> dict:
     present = [f for f, v in w.items() if v is not None]
     need(len(present) in (0, len(w)), f"window of {name!r}: only {present} present")
     if present:
-        t, k, cols = w["tracked"], layer.k, layer.out_features * layer.in_features
+        t, k = w["tracked"], layer.k
+        rows, width = (layer.out_features, layer.in_features) if layer.block is None else layer.grid_shape
+        cols = rows * width
         n = t.numel()
         need(t.dtype == torch.int64 and t.dim() == 1 and (n == 0 or (bool((t[1:] > t[:-1]).all())
                                                                       and int(t[0]) >= 0 and int(t[-1]) < cols)),
              f"window of {name!r}: tracked positions not sorted and unique within [0, {cols})")
         for f in ("gsum", "g2sum"):
-            need(w[f].shape == (n,) and w[f].dtype == layer.delta.dtype, f"window of {name!r}: bad {f}")
-        need(w["crow"].dtype == torch.int32 and w["crow"].shape == (layer.out_features + 1,)
+            need(w[f].shape == (n, *layer.delta.shape[1:]) and w[f].dtype == layer.delta.dtype,
+                 f"window of {name!r}: bad {f}")
+        need(w["crow"].dtype == torch.int32 and w["crow"].shape == (rows + 1,)
              and w["col"].shape == (k + n,) and int(w["crow"][-1]) == k + n, f"window of {name!r}: bad union pattern")
         for f, size in (("at_delta", k), ("at_tracked", n)):
             need(w[f].dtype == torch.int64 and w[f].shape == (size,) and (size == 0 or (int(w[f].min()) >= 0

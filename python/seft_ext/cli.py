@@ -21,8 +21,8 @@ from .config import BUDGETS, DRIVER_METHODS, METHODS, SCHEDULES, SEFTConfig
 from .pipeline import DTYPES, PATTERNS
 
 
-# SEFTConfig fields the driver sets itself: nm_n / nm_m come from --pattern.
-NOT_OPTIONS = ("nm_n", "nm_m")
+# SEFTConfig fields the driver sets itself: nm_n / nm_m (and block) come from --pattern.
+NOT_OPTIONS = ("nm_n", "nm_m", "block")
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float}
 _CHOICES = {"schedule": SCHEDULES, "budget": BUDGETS, "method": METHODS}
 # Where the driver's option differs from the plain field (one definition still serves both).

@@ -50,6 +50,10 @@ class SEFTConfig:
                              "before its dense-gradient GEMM; 0: the exact gradient. Candidates' statistics are "
                              "always exact.", 64)
     seed: int = _help("Seed for the initial delta positions and the scan's sketch.", 0)
+    block: Optional[tuple] = _help("(r, c): weights in r x c blocks (BSR) and SEFT with a block as the unit "
+                                   "(k, density and lora_rank still count entries: the delta holds "
+                                   "max(1, round(k / (r c))) whole blocks); budget layer or row (per block row). "
+                                   "None: unstructured (CSR).", None)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -84,6 +88,21 @@ class SEFTConfig:
             bad(f"candidate_factor must be >= 1, got {self.candidate_factor}")
         if not (INT64_MIN <= self.seed <= INT64_MAX):
             bad(f"seed must fit in int64, got {self.seed}")
+        self._check_block(bad)
+
+    def _check_block(self, bad) -> None:
+        """block: None or two ints >= 1 (a list, as read back from JSON, becomes a tuple)."""
+        if self.block is None:
+            return
+        b = self.block
+        if not (isinstance(b, (tuple, list)) and len(b) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in b)):
+            raise TypeError(f"SEFTConfig: block must be None or a (r, c) tuple of two ints, got {b!r}")
+        if b[0] < 1 or b[1] < 1:
+            bad(f"block must be (r, c) with r, c >= 1, got {tuple(b)}")
+        self.block = (int(b[0]), int(b[1]))
+        if self.budget == "nm":
+            bad("block: the N:M budget ('nm') does not apply to blocks; use budget 'layer' or 'row' (per block row)")
 
     def _check_types(self) -> None:
         """Each field holds its annotated kind: ints (never bools), finite reals, strings, bools;
@@ -129,8 +148,17 @@ class SEFTConfig:
             return self.drop_fraction * (1.0 - frac)
         return self.drop_fraction
 
+    def trainable_blocks_for(self, out_features: int, in_features: int) -> int:
+        """The delta's block count for a layer of shape (out, in) when ``block`` is set."""
+        r, c = self.block
+        return max(1, round(self.trainable_for(out_features, in_features) / (r * c)))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as plain JSON values (block as a list), equal to their JSON round trip."""
+        d = asdict(self)
+        if d["block"] is not None:
+            d["block"] = list(d["block"])
+        return d
 
     @classmethod
     def help(cls) -> str:

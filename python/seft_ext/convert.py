@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .config import SEFTConfig
 from .modules import freeze_all_but_deltas, replace_module
+from .seft_block import SEFTBlockLinear
 from .seft_linear import SEFTLinear
 
 
@@ -33,9 +34,18 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
     every other parameter of the model stops requiring gradients: only the deltas train.
     ``dense_compute``: the masked-dense baseline (same layers and evolution, dense matmuls and
     dense gradients).
+
+    With ``config.block = (r, c)`` the layers are :class:`SEFTBlockLinear` (weights in r x c
+    blocks, a delta of ``config.trainable_blocks_for(out, in)`` whole blocks): a mask is then a
+    block mask ``[ceil(out / r), ceil(in / c)]`` or a dense mask constant on every block, and
+    magnitude pruning scores a block by ``sum |w|``.
     """
     if not isinstance(config, SEFTConfig):
         raise TypeError(f"convert_to_seft: config must be a SEFTConfig, got {type(config).__name__}")
+    if config.block is not None and dense_compute:
+        raise ValueError("convert_to_seft: dense_compute (the masked-dense baseline) is CSR only; it cannot be "
+                         f"combined with config.block = {config.block}")
+    kind = SEFTLinear if config.block is None else SEFTBlockLinear
     names = linear_names(model, target, exclude)
     if not names:
         raise ValueError(f"convert_to_seft: no nn.Linear matches target={target} exclude={tuple(exclude)}")
@@ -47,7 +57,7 @@ def convert_to_seft(model: nn.Module, config: SEFTConfig, target: Optional[Itera
     # is freed as soon as its sparse replacement is in place (unless the caller holds it).
     for i, name in enumerate(names):
         try:
-            layer = SEFTLinear.from_linear(model.get_submodule(name), config, masks.get(name), dtype=dtype,
+            layer = kind.from_linear(model.get_submodule(name), config, masks.get(name), dtype=dtype,
                                            seed=config.seed + i)
         except ValueError as e:
             raise ValueError(f"convert_to_seft: layer {name!r}: {e}") from None

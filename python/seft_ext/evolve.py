@@ -215,6 +215,9 @@ class SEFTController:
             if not layer.window.finite:
                 report[name] = self._skip(name, t, "non-finite statistics")
                 continue
+            if layer.block is not None:  # block layers: decided one by one on the (small) block grid
+                report[name] = self._decide_block(name, layer, n, t)
+                continue
             report[name] = {}  # decided in _decide
             b = _decision_bytes(layer)
             if batch and nbytes + b > self.HOST_BATCH_BYTES:
@@ -266,6 +269,19 @@ class SEFTController:
                                       layer.delta_slots, arrays[3])
                 self._remap_optimizer(layer, remap, layer.window)
                 report[name] = dict(zip(COUNT_NAMES, counts.tolist()))
+
+    def _decide_block(self, name: str, layer, n: int, t: int) -> dict:
+        """A block layer's decision (``SEFTBlockLinear.evolve_``), with _decide's checks."""
+        w = layer.window
+        if w.tracked is not None and not bool(torch.isfinite(w.gsum).all() & torch.isfinite(w.g2sum).all()):
+            return self._skip(name, t, "non-finite statistics", depth=1)
+        if not bool(torch.isfinite(layer.delta).all()):
+            return self._skip(name, t, "non-finite delta", depth=1)
+        if w.tracked is None:
+            return self._skip(name, t, "no statistics", depth=1)
+        remap, counts = layer.evolve_(n, w.tracked, w.gsum)
+        self._remap_optimizer(layer, remap, w)
+        return dict(zip(COUNT_NAMES, counts.tolist()))
 
     def _skip(self, name: str, t: int, why: str, depth: int = 0) -> dict:
         msgs = {"non-finite statistics": f"NaN or Inf in the window statistics at step {t}; evolution skipped, "

@@ -13,6 +13,7 @@ from .config import SEFTConfig
 from .convert import seft_layers
 from .layer import SparseLinear
 from .modules import replace_module
+from .bsr import BSRWeight
 from .sparse import CSRWeight
 from .window import EvolutionWindow
 
@@ -127,8 +128,8 @@ def load_controller_state(controller, path: Path, step: int) -> None:
 
 
 def export_sparse(model: nn.Module, path: Path) -> None:
-    """Every SEFT / Sparse layer's merged weight as CSR (crow, col, values, bias) in one
-    safetensors file, with the shapes in its metadata."""
+    """Every SEFT / Sparse layer's merged weight as CSR (crow, col, values, bias; BSR with values
+    [nblocks, r, c] for block layers) in one safetensors file, with the shapes in its metadata."""
     from safetensors.torch import save_file
 
     tensors, shapes = {}, {}
@@ -241,7 +242,8 @@ def _checked_sparse_layer(model: nn.Module, name: str, shape, tensors: dict, pat
             else "has no bias, the model's layer has one")
     device = target.values.device if isinstance(target, SparseLinear) else target.weight.device
     try:
-        w = CSRWeight(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))
+        kind = BSRWeight if tensors[f"{name}.values"].dim() == 3 else CSRWeight  # blocks: [nblocks, r, c]
+        w = kind(tensors[f"{name}.crow"], tensors[f"{name}.col"], tensors[f"{name}.values"], tuple(shape))
         return SparseLinear(w.to(device), None if bias is None else bias.to(device))
     except ValueError as e:
         bad(str(e))

@@ -77,6 +77,10 @@ def export_peft(model: nn.Module, tokenizer, folder) -> tuple[Path, Path]:
     layers = seft_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no SEFTLinear layer")
+    blocked = [n for n, m in layers.items() if m.block is not None]
+    if blocked:
+        raise ValueError(f"export_peft: layer {blocked[0]!r} is in {layers[blocked[0]].block} blocks; the SHiRA "
+                         "adapter holds single entries, so block layers export as a dense (hf) or sparse model only")
     folder = Path(folder)
     r = shira_rank(layers)
     base = _base_with_theta(model)

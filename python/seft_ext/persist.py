@@ -29,6 +29,8 @@ from .config import SEFTConfig
 from .convert import seft_layers
 from .layer import SparseLinear
 from .modules import freeze_all_but_deltas, replace_module
+from .bsr import BSRWeight
+from .seft_block import SEFTBlockLinear
 from .seft_linear import SEFTLinear
 from .sparse import CSRWeight
 
@@ -69,7 +71,7 @@ def _layer_spec(layer: SEFTLinear) -> dict:
     return {"shape": [layer.out_features, layer.in_features], "k": layer.k, "nnz": layer.nnz,
             "budget": layer.budget, "nm": [layer.nm_n, layer.nm_m], "method": layer.method,
             "dtype": str(layer.theta.dtype).replace("torch.", ""), "bias": layer.bias is not None,
-            "dense_compute": bool(layer.dense_compute)}
+            "dense_compute": bool(layer.dense_compute), "block": None if layer.block is None else list(layer.block)}
 
 
 def _versions() -> dict:
@@ -177,9 +179,7 @@ def _build_layer(name: str, spec: dict, tensors: dict, folder: Path) -> SEFTLine
         if f"{name}.{f}" not in tensors:
             raise ValueError(f"from_pretrained: {folder / WEIGHTS_NAME} has no {name}.{f}")
     try:
-        base = CSRWeight(get(f"{name}.crow"), get(f"{name}.col"), get(f"{name}.theta"), tuple(spec["shape"]))
-        layer = SEFTLinear(base, int(spec["k"]), get(f"{name}.bias"), spec["budget"], tuple(spec["nm"]),
-                           spec["method"])
+        layer = _empty_layer(spec, get(f"{name}.crow"), get(f"{name}.col"), get(f"{name}.theta"), get(f"{name}.bias"))
         if get(f"{name}.delta_slots").shape != layer.delta_slots.shape or \
                 get(f"{name}.delta").shape != layer.delta.shape:
             raise ValueError("delta sizes differ from k")
@@ -193,9 +193,20 @@ def _build_layer(name: str, spec: dict, tensors: dict, folder: Path) -> SEFTLine
     return layer
 
 
+def _empty_layer(spec: dict, crow, col, theta, bias) -> SEFTLinear:
+    """The layer a spec describes over the saved pattern and base values (its delta still to fill)."""
+    shape = tuple(spec["shape"])
+    if spec.get("block") is None:
+        return SEFTLinear(CSRWeight(crow, col, theta, shape), int(spec["k"]), bias, spec["budget"], tuple(spec["nm"]),
+                          spec["method"])
+    if theta.dim() != 3 or list(theta.shape[1:]) != list(spec["block"]):
+        raise ValueError(f"theta must be [blocks, {spec['block'][0]}, {spec['block'][1]}], got {tuple(theta.shape)}")
+    return SEFTBlockLinear(BSRWeight(crow, col, theta, shape), int(spec["k"]), bias, spec["budget"], spec["method"])
+
+
 def _check_slots(layer: SEFTLinear) -> None:
     s = layer.delta_slots
-    if s.numel() and (int(s.min()) < 0 or int(s.max()) >= layer.nnz or bool((s[1:] <= s[:-1]).any())):
+    if s.numel() and (int(s.min()) < 0 or int(s.max()) >= layer.col.numel() or bool((s[1:] <= s[:-1]).any())):
         raise ValueError("delta_slots must be strictly increasing indices into the pattern")
 
 
@@ -234,7 +245,8 @@ def from_pretrained(base_model: nn.Module, directory: Union[str, Path], is_train
 def merge_and_unload(model: nn.Module, sparse: bool = False) -> nn.Module:
     """Replace every SEFTLinear by a layer holding theta + delta (exactly the layer's
     non-zeros): a plain ``nn.Linear`` (dense storage, zeros kept), or with ``sparse=True`` a
-    :class:`SparseLinear` for sparse inference. In place; returns ``model``."""
+    :class:`SparseLinear` for sparse inference (in blocks for a block layer). In place; returns
+    ``model``."""
     for name, layer in seft_layers(model).items():
         if sparse:
             merged = SparseLinear(layer.merged(), None if layer.bias is None else layer.bias.detach())
@@ -250,13 +262,13 @@ def merge_and_unload(model: nn.Module, sparse: bool = False) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) as PEFT counts them: a SEFT layer counts nnz(theta) + k, the rest
+    """(trainable, all) as PEFT counts them: a SEFT layer counts its non-zeros plus its delta entries, the rest
     of the model its parameters."""
     layers = seft_layers(model)
     trainable = total = 0
     for layer in layers.values():
-        total += layer.nnz + layer.k + (layer.bias.numel() if layer.bias is not None else 0)
-        trainable += layer.k if layer.delta.requires_grad else 0
+        total += layer.nnz + layer.delta.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+        trainable += layer.delta.numel() if layer.delta.requires_grad else 0
         if layer.bias is not None and layer.bias.requires_grad:
             trainable += layer.bias.numel()
     for n, p in model.named_parameters():

@@ -26,7 +26,7 @@ from .config import SEFTConfig
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SEFTConfig fields the driver sets from --pattern rather than from options of their own.
-PATTERN_FIELDS = ("nm_n", "nm_m")
+PATTERN_FIELDS = ("nm_n", "nm_m", "block")
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(SEFTConfig) if f.name not in PATTERN_FIELDS)
 # The options a resumed run must share with the run it continues: every SEFTConfig option and these;
 # and the contents behind two of them.

@@ -65,6 +65,8 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
     ``SEFTController`` evolves the topology; the layer holds exactly its budget throughout.
     """
 
+    block: Optional[tuple[int, int]] = None  # (r, c) for the block variant (seft_block.SEFTBlockLinear)
+
     def __init__(self, base: CSRWeight, k: int, bias: Optional[Tensor] = None, budget: str = "layer",
                  nm: tuple[int, int] = (2, 4), method: str = "seft", seed: int = 0):
         super().__init__()
@@ -93,14 +95,7 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
         slots = torch.randperm(nnz, generator=gen)[:k].sort().values.to(base.crow.device)
         self.register_buffer("delta_slots", slots)
         self.delta = nn.Parameter(torch.zeros(k, dtype=ops.acc_dtype(base.dtype), device=base.crow.device))
-        if bias is not None:
-            bias = bias.detach()
-            if bias.shape != (self.out_features,) or bias.dtype != base.dtype:
-                raise ValueError(f"SEFTLinear: bias must be ({self.out_features},) {base.dtype}, got "
-                                 f"{tuple(bias.shape)} {bias.dtype}")
-            self.bias = nn.Parameter(bias.clone(), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        self.register_parameter("bias", frozen_bias("SEFTLinear", bias, self.out_features, base.dtype))
         self.dense_compute = False  # True: the masked-dense baseline (masked_dense.py)
         self.window = EvolutionWindow()  # opened and closed by the controller
 
@@ -196,6 +191,16 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
                 f"sparsity={self.sparsity:.3f}, k={self.k}, budget={self.budget}"
                 + (f" {self.nm_n}:{self.nm_m}" if self.budget == "nm" else "")
                 + f", method={self.method}, dtype={self.theta.dtype}")
+
+
+def frozen_bias(who: str, bias: Optional[Tensor], out_features: int, dtype: torch.dtype) -> Optional[nn.Parameter]:
+    """A copy of ``bias`` as a frozen Parameter (None stays None); it must be (out,) of ``dtype``."""
+    if bias is None:
+        return None
+    bias = bias.detach()
+    if bias.shape != (out_features,) or bias.dtype != dtype:
+        raise ValueError(f"{who}: bias must be ({out_features},) {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    return nn.Parameter(bias.clone(), requires_grad=False)
 
 
 def _check_nm(base: CSRWeight, n: int, m: int) -> None:

@@ -82,21 +82,36 @@ class EvolutionWindow:
         """Add one backward pass (X (T, in), dY (T, out)) of ``layer``; returns the delta's
         gradient. The first pass of a window scans for the tracked positions."""
         if self.tracked is None and not self._scan(layer, x2, dy2):
-            return ops.csr_sddmm(dy2, x2, layer.crow, layer.col, layer.delta_slots)
-        g = ops.csr_sddmm(dy2, x2, self.crow, self.col)
+            return self._sddmm(layer, dy2, x2, layer.crow, layer.col, layer.delta_slots)
+        g = self._sddmm(layer, dy2, x2, self.crow, self.col, None)
         gt = g[self.at_tracked]
         self.gsum += gt
         self.g2sum += gt * gt
         self.count += 1
         return g[self.at_delta]
 
-    def _scan(self, layer, x2: Tensor, dy2: Tensor) -> bool:
-        """Pick the tracked positions; False (and the window marked non-finite) on NaN / Inf."""
+    # The three steps a block layer's window (seft_block.py) does its own way.
+    @staticmethod
+    def _sddmm(layer, dy2: Tensor, x2: Tensor, crow: Tensor, col: Tensor, slots: Optional[Tensor]) -> Tensor:
+        return ops.csr_sddmm(dy2, x2, crow, col, slots)
+
+    def _candidates(self, layer, x2: Tensor, dy2: Tensor) -> tuple[Tensor, int, bool]:
+        """(tracked positions, the scan's peak bytes, finite) of the first pass."""
         p = self.plan
         tracked, _, nbytes, finite = ops.csr_grow_scan(
             dy2, x2, layer.crow, layer.col, layer.theta, layer.delta_slots, p.num_grow, p.num_prune, layer.budget,
             layer.nm_n, layer.nm_m, layer.grow_inactive, p.sketch, p.seed)
-        self.scan_bytes = max(self.scan_bytes, int(nbytes))
+        return tracked, int(nbytes), bool(finite)
+
+    @staticmethod
+    def _width(layer) -> int:
+        """Columns of the grid positions live on (position = row * width + column)."""
+        return layer.in_features
+
+    def _scan(self, layer, x2: Tensor, dy2: Tensor) -> bool:
+        """Pick the tracked positions; False (and the window marked non-finite) on NaN / Inf."""
+        tracked, nbytes, finite = self._candidates(layer, x2, dy2)
+        self.scan_bytes = max(self.scan_bytes, nbytes)
         if self.group is not None:  # every rank tracks the same positions
             from . import distributed
 
@@ -107,9 +122,11 @@ class EvolutionWindow:
             self.finite = False
             return False
         self.crow, self.col, self.at_delta, self.at_tracked = ops.csr_slot_union(
-            layer.crow, layer.col, layer.delta_slots, tracked, layer.in_features)
+            layer.crow, layer.col, layer.delta_slots, tracked, self._width(layer))
         self.tracked = tracked
-        self.gsum = torch.zeros(tracked.numel(), dtype=layer.delta.dtype, device=tracked.device)
+        # one sum per tracked position (per tracked block: r x c, the delta's entry shape)
+        self.gsum = torch.zeros((tracked.numel(), *layer.delta.shape[1:]), dtype=layer.delta.dtype,
+                                device=tracked.device)
         self.g2sum = torch.zeros_like(self.gsum)
         return True
 
