@@ -157,12 +157,13 @@ def _embedded_info(st: Path) -> dict:
         return json.loads((f.metadata() or {})[META_KEY])
 
 
-def latest(folder: Path) -> tuple[dict, Path]:
+def latest(folder: Path, option: str = "--resume") -> tuple[dict, Path]:
     """(info, tensor file) of the newest complete and intact checkpoint in DIR/checkpoints,
-    its JSON checked (``check_info``)."""
+    its JSON checked (``check_info``); ``option`` names DIR in the errors."""
     folder = Path(folder) / "checkpoints"
     if not folder.is_dir():
-        raise FileNotFoundError(f"--resume {folder.parent}: no checkpoints folder there")
+        raise FileNotFoundError(f"{option} {folder.parent}: no checkpoints folder there (a run writes checkpoints "
+                                "with --checkpoint-every N)")
     problems = []
     for step in sorted(_steps(folder), reverse=True):
         js, st = folder / f"step-{step}.json", folder / f"step-{step}.safetensors"
@@ -196,7 +197,7 @@ def latest(folder: Path) -> tuple[dict, Path]:
         if info["step"] != step:
             raise CheckpointError(f"checkpoint {st}: its JSON says step {info['step']}")
         return info, st
-    raise FileNotFoundError(f"--resume {folder.parent}: no intact checkpoint"
+    raise FileNotFoundError(f"{option} {folder.parent}: no intact checkpoint"
                             + (f" ({'; '.join(problems)})" if problems else ""))
 
 

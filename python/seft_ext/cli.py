@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import BUDGETS, DRIVER_METHODS, METHODS, SCHEDULES, SEFTConfig
-from .pipeline import DTYPES, PATTERNS
+from .pipeline import DTYPES, PATTERN_HELP
 
 
 # SEFTConfig fields the driver sets itself: nm_n / nm_m (and block) come from --pattern.
@@ -80,8 +80,7 @@ def parser() -> argparse.ArgumentParser:
                        "run in --out (only files seft wrote are deleted)")
 
     run = argparse.ArgumentParser(add_help=False)
-    run.add_argument("--pattern", choices=list(PATTERNS), default="row",
-                     help="pruning pattern: unstructured (per layer), row (per output row), 2:4 or 4:8")
+    run.add_argument("--pattern", default="row", help=PATTERN_HELP)
     run.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt", "existing"], default=None,
                      help="default wanda (train: existing); existing keeps the model's own zeros as the "
                           "pruning mask (a model pruned before)")
@@ -189,7 +188,7 @@ def cmd_export(a) -> int:
     from .hf import export_dense, export_sparse
     from .models import load_model
 
-    info, tensor_file = checkpoint.latest(Path(a.run))
+    info, tensor_file = checkpoint.latest(Path(a.run), "--run")
     saved, run_id = info["meta"]["args"], info["meta"]["run_id"]
     out = Path(a.out)
     run_folder.claim(out, run_id, "export", a.overwrite)

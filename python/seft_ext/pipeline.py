@@ -24,6 +24,8 @@ import torch
 from .config import SEFTConfig
 
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
+PATTERN_HELP = ("pruning pattern: unstructured (per layer), row (per output row), 2:4, 4:8, or block:RxC (whole "
+                "R x C blocks kept per block row, for example block:8x8)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SEFTConfig fields the driver sets from --pattern rather than from options of their own.
 PATTERN_FIELDS = ("nm_n", "nm_m", "block")
@@ -125,6 +127,20 @@ def check_options(a) -> None:
         check_writable(Path(a.out), "--out")
 
 
+def pattern_spec(pattern: str) -> tuple[str, tuple[int, int], Optional[tuple[int, int]]]:
+    """``--pattern`` as (pruning budget, N:M, block): block:RxC prunes whole blocks per block row."""
+    if pattern in PATTERNS:
+        budget, nm = PATTERNS[pattern]
+        return budget, nm, None
+    from .prune import parse_block_pattern
+
+    try:
+        return "row", (2, 4), parse_block_pattern(pattern)
+    except ValueError:
+        raise UsageError(f"--pattern must be one of {', '.join(PATTERNS)} or block:RxC (for example block:8x8), "
+                         f"got {pattern!r}") from None
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise UsageError(msg)
@@ -149,12 +165,15 @@ def _resolve_defaults(a) -> None:
     if a.prune is None:
         a.prune = "existing" if a.command == "train" else "wanda"
     if a.budget is None:
-        a.budget = "nm" if PATTERNS[a.pattern][0] == "nm" else "layer"
+        a.budget = "nm" if pattern_spec(a.pattern)[0] == "nm" else "layer"
 
 
 def _check_run(a) -> None:
-    kind, (n, m) = PATTERNS[a.pattern]
+    kind, (n, m), block = pattern_spec(a.pattern)
     _need(not (a.budget == "nm" and kind != "nm"), f"--budget nm needs an N:M --pattern (2:4 or 4:8), got {a.pattern}")
+    _need(block is None or a.method != "masked-dense",
+          f"--method masked-dense computes with dense weights and has no --pattern {a.pattern} form; use seft, spiel, "
+          "fixed or none")
     _need(math.isfinite(a.sparsity) and 0.0 <= a.sparsity < 1.0, f"--sparsity must be in [0, 1), got {a.sparsity}")
     _need(kind != "nm" or a.prune == "existing" or a.sparsity == 1 - n / m,
           f"--pattern {a.pattern} keeps {n} of every {m} weights, a sparsity of {1 - n / m}; --sparsity "
@@ -240,10 +259,10 @@ def _hash_files(paths) -> str:
 def seft_config(a) -> SEFTConfig:
     """The SEFTConfig the driver's options describe (the driver's methods none and
     masked-dense are fixed and seft to the layers)."""
-    _, nm = PATTERNS[a.pattern]
+    _, nm, block = pattern_spec(a.pattern)
     fields = {k: getattr(a, k) for k in CONFIG_KEYS}
     fields["method"] = {"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method)
-    return SEFTConfig(**fields, nm_n=nm[0], nm_m=nm[1])
+    return SEFTConfig(**fields, nm_n=nm[0], nm_m=nm[1], block=block)
 
 
 def run_args(a, world: int, fingerprint: Optional[dict] = None) -> dict:
@@ -334,6 +353,7 @@ def prune(job: Job) -> None:
                    "threads": torch.get_num_threads()}
     if a.prune == "existing":
         job.masks = existing_masks(job.model)
+        _check_existing_blocks(job.masks, a.pattern)
         job.summary["sparsity_target"] = _existing_sparsity(job)
     job.say("evaluating the dense model")
     dense = _evaluate(job)
@@ -342,12 +362,28 @@ def prune(job: Job) -> None:
     if a.prune != "existing":
         job.say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
         batches = [calib[i:i + a.batch_size].to(job.device) for i in range(0, calib.shape[0], a.batch_size)]
-        budget, nm = PATTERNS[a.pattern]
+        budget, nm, block = pattern_spec(a.pattern)
         job.masks = prune_model(job.model, a.prune, a.sparsity, budget, nm, calibration=batches,
-                                progress=job.progress)
+                                progress=job.progress, block=block)
     pruned = _evaluate(job)
     job.summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"), topology_changes=0,
                        train_seconds=0.0)
+
+
+def _check_existing_blocks(masks: dict, pattern: str) -> None:
+    """--prune existing with block:RxC: the model's zeros must fill whole blocks."""
+    from .prune import block_scores
+
+    block = pattern_spec(pattern)[2]
+    if block is None:
+        return
+    for name, mask in masks.items():
+        kept = block_scores(mask, block)  # kept weights per block: none, or all of the block's real ones
+        full = block_scores(torch.ones_like(mask), block)
+        if not bool(((kept == 0) | (kept == full)).all()):
+            raise UsageError(f"--prune existing --pattern {pattern}: the zeros of {name} are not constant on "
+                             f"{block[0]}x{block[1]} blocks; prune the model with --pattern {pattern} first (seft "
+                             "prune), or give --prune wanda | sparsegpt | magnitude")
 
 
 def _existing_sparsity(job: Job) -> float:

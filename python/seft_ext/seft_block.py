@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import ops
 from .bsr import BSRWeight, _cdiv
 from .config import METHODS, SEFTConfig
+from .prune import magnitude_mask
 from .seft_linear import SEFTLinear, _compute_dtype, frozen_bias
 from .window import EvolutionWindow
 
@@ -115,7 +116,7 @@ class SEFTBlockLinear(SEFTLinear):
             raise ValueError("SEFTBlockLinear.from_linear: config must be a SEFTConfig with block = (r, c)")
         w = linear.weight.detach()
         if mask is None:
-            mask = block_magnitude_mask(w, config.block, config.sparsity, config.budget)
+            mask = magnitude_mask(w, config.sparsity, config.budget, block=config.block)
         base = BSRWeight.from_dense(w, config.block, mask, dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach().to(base.dtype)
         return cls(base, config.trainable_blocks_for(*w.shape), bias, config.budget, config.method,
@@ -189,26 +190,6 @@ def block_rows(crow: Tensor) -> Tensor:
 def grid_positions(crow: Tensor, col: Tensor, width: int) -> Tensor:
     """int64 grid position (block row * width + block column) of every block, increasing."""
     return block_rows(crow) * width + col.long()
-
-
-def block_magnitude_mask(w: Tensor, block, sparsity: float, budget: str = "layer") -> Tensor:
-    """bool [ceil(out / r), ceil(in / c)]: the blocks with the largest ``sum |w|`` (ties: lower
-    position), ``round((1 - sparsity) * blocks)`` of the layer, or of each block row (``row``)."""
-    if budget not in BLOCK_BUDGETS:
-        raise ValueError(f"block_magnitude_mask: budget must be one of {BLOCK_BUDGETS}, got {budget!r}")
-    r, c = block
-    out, inn = w.shape
-    nbr, nbc = _cdiv(out, r), _cdiv(inn, c)
-    padded = w.detach().abs().new_zeros(nbr * r, nbc * c)
-    padded[:out, :inn] = w.detach().abs()
-    score = padded.view(nbr, r, nbc, c).sum((1, 3), dtype=torch.float64)
-    if budget == "row":
-        keep = round((1 - sparsity) * nbc)
-        order = score.argsort(dim=1, descending=True, stable=True)[:, :keep]
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, True)
-    keep = round((1 - sparsity) * nbr * nbc)
-    order = score.flatten().argsort(descending=True, stable=True)[:keep]
-    return torch.zeros(nbr * nbc, dtype=torch.bool, device=w.device).index_fill_(0, order, True).view(nbr, nbc)
 
 
 # ---------------------------------------------------------------------- the window
