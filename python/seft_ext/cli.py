@@ -69,8 +69,11 @@ def parser() -> argparse.ArgumentParser:
                         help="default (= kjv: the King James text), general (Jane Austen), wordnet (the WordNet "
                              "training items, loss on the answers), or local .txt / .jsonl files (comma-separated; "
                              ".jsonl: 'text' lines, or 'prompt' and 'completion' lines)")
-    common.add_argument("--seq-len", type=int, default=256, help="tokens per training / evaluation window")
-    common.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (per rank)")
+    common.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per training / evaluation window (task data: the longest prompt + completion; "
+                             "longer prompts are cut from the left)")
+    common.add_argument("--batch-size", type=int, default=4, help="windows (task data: items) per optimizer step "
+                        "(per rank)")
     common.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (0: all)")
     common.add_argument("--task-items", type=int, default=100, help="held-out WordNet items scored (0: skip the task)")
     common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
