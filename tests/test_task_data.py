@@ -309,3 +309,19 @@ def test_text_validation_windows_are_the_last_training_windows():
     assert labels is None and torch.equal(ids, everything[[0, 3]])
     with pytest.raises(ValueError, match="--val-items 99999: --data default has only"):
         D.train_batches(tok, D.load_data("default", val_items=99999), 256)
+
+
+@pytest.mark.parametrize("spec, other", [("general", "kjv"), ("wordnet", "general")])
+def test_eval_reports_the_other_domain(tiny_model_dir, capsys, spec, other):
+    d, _ = tiny_model_dir
+    assert main(["eval", "--model", str(d), "--data", spec, "--seq-len", "32", "--eval-windows", "2",
+                 "--task-items", "3", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["other_data"] == other and res["ppl"] > 1 and 0 <= res["acc"] <= 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(d)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    windows = D.token_windows(tok, D.shipped_text(other)[1], 32)[:2]
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1].double()
+    nll = -torch.log_softmax(logits, -1).gather(-1, windows[:, 1:, None]).mean()
+    assert res["ppl_other"] == pytest.approx(float(torch.exp(nll)), rel=1e-5)
