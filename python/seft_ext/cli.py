@@ -65,9 +65,15 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="default", help="local Hugging Face folder, a model id in the local "
                         "Hugging Face cache, or 'default' (SmolLM2-135M-Instruct)")
-    common.add_argument("--data", default="default", help="local .txt / .jsonl files (comma-separated), or 'default'")
-    common.add_argument("--seq-len", type=int, default=256, help="tokens per training / evaluation window")
-    common.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (per rank)")
+    common.add_argument("--data", default="default",
+                        help="default (= kjv: the King James text), general (Jane Austen), wordnet (the WordNet "
+                             "training items, loss on the answers), or local .txt / .jsonl files (comma-separated; "
+                             ".jsonl: 'text' lines, or 'prompt' and 'completion' lines)")
+    common.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per training / evaluation window (task data: the longest prompt + completion; "
+                             "longer prompts are cut from the left)")
+    common.add_argument("--batch-size", type=int, default=4, help="windows (task data: items) per optimizer step "
+                        "(per rank)")
     common.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (0: all)")
     common.add_argument("--task-items", type=int, default=100, help="held-out WordNet items scored (0: skip the task)")
     common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -87,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=60, help="optimizer steps of fine-tuning")
     run.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of the deltas")
     run.add_argument("--calib-windows", type=int, default=32, help="training windows Wanda / SparseGPT calibrate on")
+    run.add_argument("--val-items", type=int, default=0,
+                     help="take the last N training items (task data) or windows (text) out of training as a "
+                          "validation part, scored at every evaluation (val_loss; WordNet: acc_val too), for "
+                          "choosing a learning rate")
     sft = run.add_argument_group("SEFT (the fields of seft_ext.SEFTConfig)")
     for f in config_fields():
         if f.name != "seed":
@@ -156,9 +166,11 @@ def _print_summary(s: dict) -> None:
     def f(v, pct=False):
         return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.2f}")
 
-    print(f"\n{'':10}{'perplexity':>12}{'accuracy':>10}")
+    other = f"ppl {s.get('other_data', 'other')}"
+    print(f"\n{'':10}{'perplexity':>12}{other:>14}{'accuracy':>10}")
     for stage in ("dense", "pruned", "final"):
-        print(f"{stage:10}{f(s.get('ppl_' + stage)):>12}{f(s.get('acc_' + stage), True):>10}")
+        print(f"{stage:10}{f(s.get('ppl_' + stage)):>12}{f(s.get('ppl_other_' + stage)):>14}"
+              f"{f(s.get('acc_' + stage), True):>10}")
     print(f"method {s['method']}, prune {s['prune']} {s['pattern']}, sparsity {s['sparsity_final']:.3f} "
           f"(target {s['sparsity_target']}), {s['steps']} steps in {s['train_seconds']} s, "
           f"{s['topology_changes']} grown entries, {s['total_seconds']} s in all", flush=True)
@@ -221,13 +233,15 @@ def cmd_export(a) -> int:
 
 def cmd_eval(a) -> int:
     from .convert import model_sparsity
-    from .data import load_text
+    from .data import load_data
     from .models import load_model
-    from .pipeline import evaluate
+    from .pipeline import evaluate, evaluation_sets
 
-    _, heldout = load_text(a.data)
+    data = load_data(a.data)
     model, tok = load_model(a.model, progress=not a.no_progress, need_tokenizer=True)
-    res = evaluate(model, tok, heldout, a)
+    sets = evaluation_sets(model, tok, data, a)
+    res = evaluate(model, tok, sets, a)
+    res["other_data"] = sets.other_name
     res["sparsity"] = model_sparsity(model)
     print(json.dumps(res, indent=2))
     return 0

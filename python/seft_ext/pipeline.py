@@ -32,8 +32,9 @@ PATTERN_FIELDS = ("nm_n", "nm_m", "block")
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(SEFTConfig) if f.name not in PATTERN_FIELDS)
 # The options a resumed run must share with the run it continues: every SEFTConfig option and these;
 # and the contents behind two of them.
-RESUME_KEYS = ("model", "data", "pattern", "prune", "steps", "seq_len", "batch_size", "lr", "calib_windows",
-               "dtype") + CONFIG_KEYS
+RESUME_KEYS = ("model", "data", "val_items", "pattern", "prune", "steps", "seq_len", "batch_size", "lr",
+               "calib_windows", "dtype") + CONFIG_KEYS
+RESUME_DEFAULTS = {"val_items": 0}  # for checkpoints written before the option existed
 CONTENT_KEYS = {"model_sha256": "--model weights", "data_sha256": "--data files"}
 
 
@@ -68,8 +69,9 @@ class Job:
     t_start: float = field(default_factory=time.time)
     model: object = None
     tok: object = None
-    train_windows: Optional[torch.Tensor] = None
-    heldout: str = ""
+    train_windows: Optional[torch.Tensor] = None  # windows of text: what pruning calibrates on
+    train_data: object = None  # data.TextBatches or data.TaskBatches: what trains
+    evals: object = None  # data.EvalSets: what each evaluation scores
     config: Optional[SEFTConfig] = None
     summary: dict = field(default_factory=dict)
     resume: Optional[tuple] = None  # resuming: (info, tensor file), then (info, tensors, tensor file)
@@ -183,6 +185,7 @@ def _check_run(a) -> None:
     for opt in ("log_every", "update_interval", "lora_rank", "keep_checkpoints"):
         v = getattr(a, opt)
         _need(_is_int(v) and v >= 1, f"--{opt.replace('_', '-')} must be an int >= 1, got {v}")
+    _need(_is_int(a.val_items) and a.val_items >= 0, f"--val-items must be an int >= 0, got {a.val_items}")
     _need(_is_int(a.checkpoint_every) and a.checkpoint_every >= 0,
           f"--checkpoint-every must be an int >= 0, got {a.checkpoint_every}")
     _need(_is_int(a.calib_windows) and (a.calib_windows >= 1 or a.prune not in ("wanda", "sparsegpt")),
@@ -199,7 +202,7 @@ def _check_run(a) -> None:
 def prepare(a) -> Job:
     """Distributed set-up, the data, the resume check, the output folder (claimed for this run),
     the model and the SEFT config: everything that can be refused is, before the model loads."""
-    from .data import load_text, token_windows
+    from .data import load_data, train_batches
     from .models import load_model
 
     rank, world, device = init_distributed(a.device)
@@ -207,7 +210,7 @@ def prepare(a) -> Job:
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
     torch.manual_seed(a.seed)
     job = Job(a, rank, world, device, Path(a.out), say, progress, torch.Generator().manual_seed(a.seed))
-    train_text, job.heldout = load_text(a.data)
+    data = load_data(a.data, a.val_items)
     _check_tokenizer(a.model, progress)
     if a.resume:
         job.fingerprint = fingerprint(a, progress)
@@ -221,7 +224,8 @@ def prepare(a) -> Job:
         job.fingerprint = fingerprint(a, progress)
     job.model, job.tok = load_model(a.model, DTYPES[a.dtype], progress, need_tokenizer=True)
     job.model.to(device)
-    job.train_windows = token_windows(job.tok, train_text, a.seq_len)
+    job.train_data, job.train_windows, val = train_batches(job.tok, data, a.seq_len)
+    job.evals = evaluation_sets(job.model, job.tok, data, a, val)
     job.config = seft_config(a)
     if job.resume is not None:
         _restore_model(job)
@@ -277,8 +281,8 @@ def _checked_resume(a, world: int, fingerprint: dict) -> tuple:
 
     info, tensor_file = checkpoint.latest(Path(a.resume))
     saved, now = info["meta"]["args"], run_args(a, world, fingerprint)
-    diff = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS
-            if saved.get(k) != now[k]]
+    diff = [f"--{k.replace('_', '-')} was {saved.get(k, RESUME_DEFAULTS.get(k))!r}, now {now[k]!r}"
+            for k in RESUME_KEYS if saved.get(k, RESUME_DEFAULTS.get(k)) != now[k]]
     diff += [f"the {what} changed (sha256 differs)" for k, what in CONTENT_KEYS.items() if saved.get(k) != now[k]]
     if saved.get("world_size", 1) != world:
         diff.append(f"world size was {saved.get('world_size', 1)}, now {world}")
@@ -324,22 +328,39 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------------- evaluate / prune
-def evaluate(model, tok, heldout: str, a) -> dict:
-    """Held-out perplexity on ``heldout`` and, unless --task-items 0, WordNet accuracy."""
-    from .data import load_wordnet, multiple_choice_accuracy, perplexity, token_windows
+EVAL_KEYS = ("ppl", "ppl_other", "acc", "val_loss", "acc_val")
 
-    bos = "gemma" in getattr(model.config, "model_type", "")  # Gemma needs BOS at every window
-    w = token_windows(tok, heldout, a.seq_len, bos=bos)
-    if a.eval_windows:
-        w = w[:a.eval_windows]
-    res = {"ppl": perplexity(model, w, a.batch_size)}
+
+def evaluation_sets(model, tok, data, a, val=None):
+    """The data.EvalSets of ``data`` (a data.DataSet) for this model (Gemma needs BOS at every window)."""
+    from .data import eval_sets
+
+    bos = "gemma" in getattr(model.config, "model_type", "")
+    return eval_sets(tok, data, a.seq_len, a.eval_windows, bos=bos, val=val)
+
+
+def evaluate(model, tok, sets, a) -> dict:
+    """Held-out perplexity (``ppl``: of the held-out text, or of the held-out items' completion
+    tokens), perplexity on the other domain's held-out text (``ppl_other``), WordNet accuracy
+    (``acc``, unless --task-items 0) and, with --val-items, the validation loss (``val_loss``: mean
+    NLL per token) and WordNet validation accuracy (``acc_val``)."""
+    from .data import exp_or_inf, load_wordnet, mean_nll, multiple_choice_accuracy
+
+    res = {"ppl": exp_or_inf(mean_nll(model, sets.heldout, a.batch_size)),
+           "ppl_other": exp_or_inf(mean_nll(model, sets.other, a.batch_size))}
     if a.task_items and tok is not None:
         res["acc"] = multiple_choice_accuracy(model, tok, load_wordnet("heldout"), limit=a.task_items)
+    if sets.val is not None:
+        res["val_loss"] = mean_nll(model, sets.val, a.batch_size)
+    if sets.wordnet_val:
+        res["acc_val"] = multiple_choice_accuracy(model, tok, sets.wordnet_val)
     return res
 
 
-def _evaluate(job: Job) -> dict:
-    return evaluate(job.model, job.tok, job.heldout, job.opts)
+def _evaluate(job: Job, stage: str) -> None:
+    """Evaluates the model and records the results as ``{key}_{stage}`` in the summary."""
+    res = evaluate(job.model, job.tok, job.evals, job.opts)
+    job.summary.update({f"{k}_{stage}": res.get(k) for k in EVAL_KEYS if k in res or k == "acc"})
 
 
 def prune(job: Job) -> None:
@@ -350,14 +371,14 @@ def prune(job: Job) -> None:
     job.summary = {"run_id": job.run_id, "model": a.model, "data": a.data, "method": a.method, "prune": a.prune,
                    "pattern": a.pattern, "budget": a.budget, "sparsity_target": a.sparsity, "steps": a.steps,
                    "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+                   "val_items": a.val_items, "other_data": job.evals.other_name,
                    "threads": torch.get_num_threads()}
     if a.prune == "existing":
         job.masks = existing_masks(job.model)
         _check_existing_blocks(job.masks, a.pattern)
         job.summary["sparsity_target"] = _existing_sparsity(job)
     job.say("evaluating the dense model")
-    dense = _evaluate(job)
-    job.summary.update(ppl_dense=dense["ppl"], acc_dense=dense.get("acc"))
+    _evaluate(job, "dense")
     calib = job.train_windows[torch.randperm(job.train_windows.shape[0], generator=job.data_rng)[:a.calib_windows]]
     if a.prune != "existing":
         job.say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
@@ -365,9 +386,8 @@ def prune(job: Job) -> None:
         budget, nm, block = pattern_spec(a.pattern)
         job.masks = prune_model(job.model, a.prune, a.sparsity, budget, nm, calibration=batches,
                                 progress=job.progress, block=block)
-    pruned = _evaluate(job)
-    job.summary.update(ppl_pruned=pruned["ppl"], acc_pruned=pruned.get("acc"), topology_changes=0,
-                       train_seconds=0.0)
+    _evaluate(job, "pruned")
+    job.summary.update(topology_changes=0, train_seconds=0.0)
 
 
 def _check_existing_blocks(masks: dict, pattern: str) -> None:
@@ -414,9 +434,13 @@ def finish(job: Job) -> None:
     from .convert import model_sparsity
 
     pruned_only = not job.trains and "ppl_pruned" in job.summary  # nothing changed since
-    final = {"ppl": job.summary["ppl_pruned"], "acc": job.summary.get("acc_pruned")} if pruned_only else _evaluate(job)
+    if pruned_only:
+        s = job.summary
+        s.update({f"{k}_final": s[f"{k}_pruned"] for k in EVAL_KEYS if f"{k}_pruned" in s})
+    else:
+        _evaluate(job, "final")
     dev = job.device
-    job.summary.update(ppl_final=final["ppl"], acc_final=final.get("acc"), sparsity_final=model_sparsity(job.model),
+    job.summary.update(sparsity_final=model_sparsity(job.model),
                        train_seconds=round(job.train_seconds, 2), total_seconds=round(time.time() - job.t_start, 2),
                        peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss(),
                        device=str(dev), world_size=job.world)

@@ -80,10 +80,10 @@ class TrainLoop:
         """One optimizer step on this rank's share of the global batch, then the controller."""
         job, a = self.job, self.job.opts
         # the global batch is batch_size x world windows; each rank takes its share
-        n = job.train_windows.shape[0]
+        n = len(job.train_data)
         idx = torch.randint(0, n, (a.batch_size * job.world,), generator=job.data_rng)[job.rank::job.world]
-        batch = job.train_windows[idx].to(job.device)
-        loss = self.net(batch)
+        ids, labels = job.train_data.batch(idx)  # labels: None (text), or -100 outside the completions (task)
+        loss = self.net(ids.to(job.device), None if labels is None else labels.to(job.device))
         loss.backward()
         self._check_finite(step, loss)
         self.opt.step()
