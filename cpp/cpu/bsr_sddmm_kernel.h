@@ -3,9 +3,12 @@
 // dtype: per block a small dense product with the tokens as the reduction. dY and X are packed
 // feature-major ([features][Tp], tokens zero padded to whole vectors); a tile of NI x NJ
 // entries keeps one vector of token lanes per entry in registers (each loaded vector feeds NJ or
-// NI FMAs), then sums the lanes in a fixed order. Parallel over blocks (deterministic).
+// NI FMAs), then sums the lanes in a fixed order. Parallel over blocks, each summed by one
+// thread in one order (deterministic).
 // Padding rows / columns read zeros: their entries are 0.
 #pragma once
+#include <utility>
+
 #include "cpu/bsr_common_kernel.h"
 
 namespace seft::cpu::SEFT_ISA {
@@ -39,12 +42,37 @@ __attribute__((always_inline)) inline void bsr_sddmm_tile(const A* dy, const A* 
 template <typename A, int R_, int C_>
 void bsr_sddmm_block(const A* dyb, const A* xb, int64_t Tp, int64_t rr, int64_t cc, A* g) {
   const int64_t r = R_ ? R_ : rr, c = C_ ? C_ : cc, nv = Tp / VecOf<A>::W;
-  for_chunks<4>(r, [&](auto ni, int64_t i0) {
-    for_chunks<3>(c, [&](auto nj, int64_t j0) {
-      constexpr int NI = decltype(ni)::value, NJ = decltype(nj)::value;
-      bsr_sddmm_tile<A, NI, NJ>(dyb + i0 * Tp, xb + j0 * Tp, Tp, nv, c, g + i0 * c + j0);
-    });
+  const auto cols = [&](auto ni, int64_t i0, auto nj, int64_t j0) {
+    constexpr int NI = decltype(ni)::value, NJ = decltype(nj)::value;
+    bsr_sddmm_tile<A, NI, NJ>(dyb + i0 * Tp, xb + j0 * Tp, Tp, nv, c, g + i0 * c + j0);
+  };
+  for_chunks<4>(r, [&](auto ni, int64_t i0) {  // columns in tiles of 3 (of 2 when 3 would leave 1)
+    if (c % 3 == 1) for_chunks<2>(c, [&](auto nj, int64_t j0) { cols(ni, i0, nj, j0); });
+    else for_chunks<3>(c, [&](auto nj, int64_t j0) { cols(ni, i0, nj, j0); });
   });
+}
+
+// Blocks [s0, s1) of the work list (block slot[s], or s without slots) in runs of `rows` block
+// rows, each run in block-column order: a column's packed X serves the run's blocks in that
+// column while the run's packed dY stays in L2. Each block's sum is independent of the order.
+template <typename A, typename I, int R_, int C_>
+void bsr_sddmm_range(const A* dyt, const A* xt, int64_t Tp, int64_t r, int64_t c, const int32_t* row_of, const I* col,
+                     const int64_t* slot, int64_t rows, int64_t s0, int64_t s1, A* g) {
+  std::vector<std::pair<int64_t, int64_t>> run;  // (block column, s)
+  for (int64_t s = s0; s < s1;) {
+    const int64_t br0 = row_of[slot ? slot[s] : s];
+    run.clear();
+    for (; s < s1; ++s) {
+      const int64_t p = slot ? slot[s] : s;
+      if (row_of[p] < br0 || row_of[p] >= br0 + rows) break;
+      run.emplace_back(int64_t(col[p]), s);
+    }
+    std::sort(run.begin(), run.end());
+    for (const auto& [bc, t] : run) {
+      const int64_t p = slot ? slot[t] : t;
+      bsr_sddmm_block<A, R_, C_>(dyt + row_of[p] * r * Tp, xt + bc * c * Tp, Tp, r, c, g + t * r * c);
+    }
+  }
 }
 
 template <typename A, typename V, typename I>
@@ -69,14 +97,11 @@ at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::
   for (int64_t br = 0; br < nbr; ++br)
     for (int32_t p = cr[br]; p < cr[br + 1]; ++p) row_of[p] = int32_t(br);
   A* gp = g.data_ptr<A>();
+  const int64_t rows = std::max<int64_t>(1, (int64_t(256) << 10) / (r * Tp * int64_t(sizeof(A))));
   with_block(r, c, [&](auto rc, auto cc) {
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
     at::parallel_for(0, n, bsr_grain(n, n * r * c * T, 16), [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t p = all ? s : sl[s];
-        bsr_sddmm_block<A, R, C>(dyt.data() + row_of[p] * r * Tp, xt.data() + int64_t(cl[p]) * c * Tp, Tp, r, c,
-                                 gp + s * r * c);
-      }
+      bsr_sddmm_range<A, I, R, C>(dyt.data(), xt.data(), Tp, r, c, row_of.data(), cl, sl, rows, s0, s1, gp);
     });
   });
   return g;
