@@ -84,10 +84,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--blocks", default=",".join(f"{r}x{c}" for r, c in BLOCKS), help="e.g. 8x8,16x16")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 512,16")
+    ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, e.g. 1536x576")
     ap.add_argument("--no-backward", action="store_true", help="time the forward only")
     args = ap.parse_args()
     blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -98,7 +100,7 @@ def main() -> None:
           f"{'torch BSR':>27} | {'ratio':>5}")
     torch.manual_seed(0)
     rows = []
-    for out, inn in SHAPES:
+    for out, inn in shapes:
         for r, c in blocks:
             dense = torch.randn(out, inn)
             bmask = torch.rand(-(-out // r), -(-inn // c)) >= args.sparsity
