@@ -1,12 +1,15 @@
-"""CPU benchmark of bsr_spmm (forward) against dense F.linear and torch's own BSR matmul.
+"""CPU benchmark of the BSR ops against dense F.linear and torch's own BSR matmul.
 
 For blocks 4x4, 8x8, 16x16 at 70% block sparsity on 1536x576, 576x1536 and 4096x4096, at 512
-and 16 tokens (fp32 by default): min / median / max seconds of the repeats of each, and the
-ratio of the medians bsr_spmm / F.linear. torch's BSR matmul (torch.sparse.mm on a
-torch.sparse_bsr weight) is timed where torch has a CPU kernel for it ("n/a" otherwise).
+and 16 tokens (fp32 by default): min / median / max milliseconds of the repeats of each, and
+the ratio of the medians. Forward: bsr_spmm against F.linear; torch's BSR matmul
+(torch.sparse.mm on a torch.sparse_bsr weight) is timed where torch has a CPU kernel for it
+("n/a" otherwise), with the ratio bsr_spmm / torch BSR. Forward + backward: bsr_spmm +
+bsr_spmm_t + bsr_sddmm (every block) against F.linear + dY W + dY^T X.
 
     python bench/bench_bsr.py                  # threads: torch's default
     python bench/bench_bsr.py --threads 2 --repeats 10
+    python bench/bench_bsr.py --blocks 8x8 --tokens 512 --no-backward
 """
 from __future__ import annotations
 
@@ -35,6 +38,27 @@ def times(fn, repeats: int) -> list[float]:
     return sorted(out)
 
 
+def med(ts) -> float:
+    return ts[len(ts) // 2]
+
+
+def fwd_bwd(w: BSRWeight, wd: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, repeats: int):
+    """Times of the BSR and the dense forward + backward (the weight's gradient on every block)."""
+    (out, inn), (r, c) = w.shape, w.block
+
+    def bsr():
+        ops.bsr_spmm(x, w.crow, w.col, w.values, out)
+        ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn)
+        ops.bsr_sddmm(dy, x, w.crow, w.col, r, c)
+
+    def dense():
+        F.linear(x, wd)
+        dy @ wd
+        dy.T @ x
+
+    return times(bsr, repeats), times(dense, repeats)
+
+
 def fmt(ts) -> str:
     if ts is None:
         return "n/a"
@@ -58,7 +82,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sparsity", type=float, default=0.7, help="fraction of blocks dropped")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--blocks", default=",".join(f"{r}x{c}" for r, c in BLOCKS), help="e.g. 8x8,16x16")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 512,16")
+    ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, e.g. 1536x576")
+    ap.add_argument("--no-backward", action="store_true", help="time the forward only")
     args = ap.parse_args()
+    blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -66,24 +97,33 @@ def main() -> None:
           f"{args.sparsity}, repeats {args.repeats}, loadavg {os.getloadavg()}")
     print("times in ms: min / median / max")
     print(f"{'shape':>10} {'block':>6} {'T':>4} | {'bsr_spmm':>27} | {'F.linear':>27} | {'ratio':>5} | "
-          f"{'torch BSR':>27}")
+          f"{'torch BSR':>27} | {'ratio':>5}")
     torch.manual_seed(0)
-    for out, inn in SHAPES:
-        for r, c in BLOCKS:
+    rows = []
+    for out, inn in shapes:
+        for r, c in blocks:
             dense = torch.randn(out, inn)
             bmask = torch.rand(-(-out // r), -(-inn // c)) >= args.sparsity
             w = BSRWeight.from_dense(dense, (r, c), bmask, dtype=dtype)
             wd = w.to_dense()
-            for T in TOKENS:
+            for T in tokens:
                 x = torch.randn(T, inn).to(dtype)
+                dy = torch.randn(T, out).to(dtype)
                 with torch.no_grad():
                     ts = times(lambda: ops.bsr_spmm(x, w.crow, w.col, w.values, out), args.repeats)
                     td = times(lambda: F.linear(x, wd), args.repeats)
                     fb = torch_bsr(w, x) if dtype == torch.float32 else None
                     tb = times(fb, args.repeats) if fb else None
-                ratio = ts[len(ts) // 2] / td[len(td) // 2]
-                print(f"{out:>4}x{inn:<5} {r:>2}x{c:<3} {T:>4} | {fmt(ts)} | {fmt(td)} | {ratio:5.2f} | {fmt(tb)}",
-                      flush=True)
+                    if not args.no_backward:
+                        rows.append(((out, inn), (r, c), T, fwd_bwd(w, wd, x, dy, args.repeats)))
+                rt = f"{med(ts) / med(tb):5.2f}" if tb else "  n/a"
+                print(f"{out:>4}x{inn:<5} {r:>2}x{c:<3} {T:>4} | {fmt(ts)} | {fmt(td)} | {med(ts) / med(td):5.2f} | "
+                      f"{fmt(tb)} | {rt}", flush=True)
+    if rows:
+        print("forward + backward (bsr_spmm + bsr_spmm_t + bsr_sddmm | F.linear + dY W + dY^T X), ms")
+        print(f"{'shape':>10} {'block':>6} {'T':>4} | {'BSR fwd+bwd':>27} | {'dense fwd+bwd':>27} | {'ratio':>5}")
+        for (out, inn), (r, c), T, (ts, td) in rows:
+            print(f"{out:>4}x{inn:<5} {r:>2}x{c:<3} {T:>4} | {fmt(ts)} | {fmt(td)} | {med(ts) / med(td):5.2f}")
     print(f"loadavg at the end {os.getloadavg()}")
 
 

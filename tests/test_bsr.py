@@ -107,6 +107,65 @@ def test_results_independent_of_thread_count():
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dname)
+@pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16), (3, 5)], ids=_id)
+def test_every_token_count(cpu_kernel, dtype, block):
+    """0 to 130 tokens: every remainder of the token blocks (1 to 3 vectors wide) and of the token groups."""
+    out, inn = 45, 83
+    w = random_bsr(out, inn, block, 0.5, dtype)
+    ref, (r, c) = DenseBSR(w), block
+    bias = torch.randn(out, dtype=dtype)
+    for T in range(131):
+        x, dy = torch.randn(T, inn, dtype=dtype), torch.randn(T, out, dtype=dtype)
+        assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ref.spmm(x, bias), dtype, f"spmm T {T}")
+        assert_matches(ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn), ref.spmm_t(dy), dtype, f"spmm_t T {T}")
+        assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c), ref.sddmm(dy, x), dtype, f"sddmm T {T}")
+
+
+# Large enough for several reduction panels and token groups in bsr_spmm / bsr_spmm_t and several
+# block-row runs in bsr_sddmm, with empty block rows and a token count that is no multiple of a block.
+LARGE = (700, 1403, 130)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16), (3, 5)], ids=_id)
+def test_panels_and_token_groups(cpu_kernel, dtype, block):
+    out, inn, T = LARGE
+    w = random_bsr(out, inn, block, 0.3, dtype)
+    ref, (r, c) = DenseBSR(w), block
+    x, dy, bias = torch.randn(T, inn).to(dtype), torch.randn(T, out).to(dtype), torch.randn(out).to(dtype)
+    slots = torch.nonzero(torch.rand(w.nnz_blocks) < 0.5).flatten()
+    assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ref.spmm(x, bias), dtype, "spmm")
+    assert_matches(ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn), ref.spmm_t(dy), dtype, "spmm_t")
+    acc = ops.acc_dtype(dtype)
+    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c), ref.sddmm(dy, x), acc, "sddmm")
+    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots), ref.sddmm(dy, x, slots), acc, "sddmm slots")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_large_results_independent_of_thread_count(dtype):
+    """Bitwise the same for 1, 2 and 3 threads with several panels, token groups and row runs."""
+    out, inn, T = LARGE
+    n = torch.get_num_threads()
+    try:
+        for block in [(8, 8), (3, 5)]:
+            w = random_bsr(out, inn, block, 0.3, dtype)
+            x, dy = torch.randn(T, inn).to(dtype), torch.randn(T, out).to(dtype)
+            slots = torch.arange(1, w.nnz_blocks, 3)
+            results = []
+            for threads in [1, 2, 3]:
+                torch.set_num_threads(threads)
+                results.append((ops.bsr_spmm(x, w.crow, w.col, w.values, out),
+                                ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn),
+                                ops.bsr_sddmm(dy, x, w.crow, w.col, *block),
+                                ops.bsr_sddmm(dy, x, w.crow, w.col, *block, slots)))
+            for res in results[1:]:
+                for a, b in zip(results[0], res):
+                    assert torch.equal(a, b), block
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_empty_weight_and_sizes():
     crow = torch.zeros(4, dtype=torch.int32)  # out 9 in blocks of 4: ceil(9 / 4) + 1 entries
     col, vals = torch.zeros(0, dtype=torch.int16), torch.zeros(0, 4, 4)
