@@ -3,6 +3,7 @@
 with its KV cache, against the dense model (fp32 and bf16) in the same process.
 
     python bench/bench_inference.py [--threads 2] [--reps 5] [--decode-tokens 32] [--out FILE.md]
+    python bench/bench_inference.py --linears [--threads 2]     # the decoder linears alone
 
 Every repeat measures every variant once, in turn (side by side), and the ratios are taken
 within a repeat, so the machine's drift hits both sides of a ratio alike. Per variant:
@@ -151,7 +152,8 @@ def build_variants(dense: nn.Module, sparsities: list[float]) -> dict:
     return variants
 
 
-def run_all(variants: dict, a, vocab: int) -> dict:
+def run_all(variants: dict, a, vocab: int, report) -> dict:
+    """Every repeat measures every variant in turn; ``report(runs)`` after each repeat."""
     for m in variants.values():  # warm-up: allocator, kernels, generation config
         measure(m, argparse.Namespace(prefill_tokens=32, decode_tokens=2), vocab)
     runs = {k: [] for k in variants}
@@ -159,6 +161,7 @@ def run_all(variants: dict, a, vocab: int) -> dict:
         for name, m in variants.items():
             runs[name].append(measure(m, a, vocab))
         print(f"repeat {r + 1}/{a.reps} done, load {os.getloadavg()[0]:.2f}", flush=True)
+        report(runs)
     return runs
 
 
@@ -201,6 +204,47 @@ def bound_table(runs: dict, variants: dict, a) -> list[str]:
     return lines
 
 
+# SmolLM2-135M's decoder linears, (out, in) and how many of each per layer; 30 layers.
+SMOLLM2_LINEARS = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
+SMOLLM2_LAYERS = 30
+
+
+def per_call_us(fn, calls: int) -> float:
+    """Median microseconds of one call, over ``calls`` calls (after 10 warm-up calls)."""
+    for _ in range(10):
+        fn()
+    ts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
+
+
+def linears_table(a) -> list[str]:
+    """The decoder linears alone at decode shapes (1 and 8 tokens): median us per call per shape,
+    and the sum over one token of SmolLM2 (ms), dense against 70% CSR, at 1 and --threads threads."""
+    lines = ["| threads | tokens | dtype | " + " | ".join(f"{o}x{i} dense / CSR 70% us" for o, i in SMOLLM2_LINEARS)
+             + " | one token's linears, dense / CSR ms | ratio |", "|---" * (len(SMOLLM2_LINEARS) + 5) + "|"]
+    for threads in sorted({1, a.threads}):
+        torch.set_num_threads(threads)
+        for tokens in (1, 8):
+            for dt in (torch.float32, torch.bfloat16):
+                cells, tot_d, tot_s = [], 0.0, 0.0
+                for (o, i), count in SMOLLM2_LINEARS.items():
+                    lin = nn.Linear(i, o, bias=False).to(dt)
+                    sp = SparseLinear.from_dense(lin, magnitude_mask(lin.weight.float(), 0.7, "row"))
+                    x = torch.randn(tokens, 1, i, dtype=dt)
+                    d, sv = per_call_us(lambda: lin(x), a.calls), per_call_us(lambda: sp(x), a.calls)
+                    cells.append(f"{d:.0f} / {sv:.0f}")
+                    tot_d, tot_s = tot_d + count * d, tot_s + count * sv
+                tot_d, tot_s = SMOLLM2_LAYERS * tot_d / 1e3, SMOLLM2_LAYERS * tot_s / 1e3
+                lines.append(f"| {threads} | {tokens} | {str(dt)[6:]} | " + " | ".join(cells)
+                             + f" | {tot_d:.1f} / {tot_s:.1f} | {tot_d / tot_s:.2f}x |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -209,21 +253,36 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--sparsities", default="0.5,0.7")
     ap.add_argument("--out", help="also write the tables to this markdown file")
+    ap.add_argument("--linears", action="store_true", help="only the decoder linears at decode shapes, without "
+                    "the model: per-call times of dense and 70%% CSR layers of SmolLM2's shapes")
+    ap.add_argument("--calls", type=int, default=200, help="--linears: calls per median")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     header = machine_header(sys.argv)
+    if a.linears:
+        text = "\n".join([header, ""] + linears_table(a)) + "\n"
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        return 0
     dense, _ = load_model("default", progress=False)
     dense.eval()
     variants = build_variants(dense, [float(x) for x in a.sparsities.split(",")])
-    runs = run_all(variants, a, dense.config.vocab_size)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    text = "\n".join([header, f"- load average after the run: {load}", ""] + rate_table(runs, a)
-                     + bound_table(runs, variants, a)) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+
+    def report(runs):
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        done = len(next(iter(runs.values())))
+        text = "\n".join([header, f"- load average after repeat {done} of {a.reps}: {load}", ""]
+                         + rate_table(runs, argparse.Namespace(**{**vars(a), "reps": done}))
+                         + bound_table(runs, variants, a)) + "\n"
+        print(text, flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+
+    run_all(variants, a, dense.config.vocab_size, report)
     return 0
 
 
