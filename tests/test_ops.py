@@ -220,6 +220,8 @@ def test_invalid_structure_same_message_on_every_device(device, crow, col, msg):
     x = torch.randn(4, 10)
     with pytest.raises(RuntimeError, match=msg) as cpu_err:
         ops.csr_spmm(x, crow, col, vals)
+    with pytest.raises(RuntimeError, match=msg):  # one token: the check cached per version, not the panels'
+        ops.csr_spmm(x[:1], crow, col, vals)
     C, COL, V, X = crow.to(device), col.to(device), vals.to(device), x.to(device)
     with pytest.raises(RuntimeError, match=msg) as err:
         ops.csr_spmm(X, C, COL, V)

@@ -28,6 +28,10 @@ CASES = {
     "column_past_in_spmm": "w.col.data[3] = 10000\nops.csr_spmm(x, w.crow, w.col, w.values)",
     "column_past_in_spmm_t": "w.col.data[3] = 10000\nops.csr_spmm_t(dy, w.crow, w.col, w.values, 20)",
     "column_past_in_sddmm": "w.col.data[3] = 10000\nops.csr_sddmm(dy, x, w.crow, w.col, slots)",
+    "column_past_in_spmm_one_token": "ops.csr_spmm(x[:1], w.crow, w.col, w.values)\n"  # its check is cached
+                                     "w.col.data[3] = 10000\nops.csr_spmm(x[:1], w.crow, w.col, w.values)",
+    "negative_column_spmm_one_token": "ops.csr_spmm(x[:1], w.crow, w.col, w.values)\n"
+                                      "w.col.data[3] = -2\nops.csr_spmm(x[:1], w.crow, w.col, w.values)",
     "offset_past_nnz": "w.crow.data[5] = w.nnz + 50\nops.csr_spmm(x, w.crow, w.col, w.values)",
     "offsets_decreasing": "w.crow.data[4] = w.crow[6].item() + 1\nops.csr_spmm_t(dy, w.crow, w.col, w.values, 20)",
 }

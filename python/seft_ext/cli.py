@@ -3,6 +3,8 @@
     seft run  [options]   load -> evaluate dense -> prune -> evaluate -> fine-tune -> evaluate
                           -> export; DIR/log.jsonl, DIR/summary.json, DIR/dense (HF folder)
     seft eval --model DIR evaluate a model folder (held-out perplexity, task accuracy)
+    seft generate --model DIR --prompt TEXT
+                          greedy text from a run's sparse model (SparseLinear layers, KV cache)
 
 `python -m seft_ext.cli ...` works too. Run `seft run --help` for the options.
 """
@@ -125,7 +127,24 @@ def parser() -> argparse.ArgumentParser:
                     help="hf: DIR/dense (a plain Hugging Face folder, sparsity kept) and DIR/sparse.safetensors; "
                          "peft: DIR/peft/base (the final theta) and DIR/peft/adapter (a PEFT SHiRA adapter holding "
                          "the delta)")
+    _generate_parser(sub)
     return p
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="generate text with a run's sparse model (its decoder linears as SparseLinear layers)")
+    g.add_argument("--model", required=True, metavar="RUN_DIR",
+                   help="the --out folder of `seft run` / `seft train` / `seft export` (DIR/dense and "
+                        "DIR/sparse.safetensors)")
+    g.add_argument("--prompt", required=True, help="the text to continue (inside the chat template when the "
+                   "tokenizer has one)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (greedy)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the weights and activations")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as it is")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end, not token by token")
+    g.add_argument("--no-progress", action="store_true", help="no messages on stderr (loading, speed)")
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -136,9 +155,30 @@ def _check_args(a) -> None:
     """The options' checks (pipeline.check_options), and --device."""
     from .pipeline import check_options
 
+    if a.command == "generate":
+        _check_generate(a)
+        return
     check_options(a)
     if a.command in ("run", "prune", "train"):
         _check_device(a.device)
+
+
+def _check_generate(a) -> None:
+    """`seft generate`'s checks: the numbers, the prompt, and that --model is a run's output
+    folder (its sparse export's header is read; no weight is loaded)."""
+    from .generate import check_run_folder
+    from .pipeline import UsageError
+
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be an int >= 1, got {a.max_new_tokens}")
+    if a.threads < 0:
+        raise UsageError(f"--threads must be an int >= 0, got {a.threads}")
+    if not a.prompt.strip():
+        raise UsageError("--prompt is empty")
+    try:
+        check_run_folder(a.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model {e}") from None
 
 
 def _check_device(spec: str) -> None:
@@ -247,6 +287,34 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_generate(a) -> int:
+    """seft generate: load the run's sparse model, then greedy generation (streamed to stdout)."""
+    import time
+
+    from .generate import generate_text, load_sparse_model
+
+    say = (lambda msg: None) if a.no_progress else (lambda msg: print(f"seft: {msg}", file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    model, tok = load_sparse_model(a.model, DTYPES[a.dtype])
+    say(f"loaded {a.model} ({_sparse_summary(model)}) in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    text, n = generate_text(model, tok, a.prompt, a.max_new_tokens, stream=not a.no_stream,
+                            chat_template=not a.no_chat_template)
+    dt = time.perf_counter() - t0
+    if a.no_stream:
+        print(text, flush=True)
+    say(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, prefill included)")
+    return 0
+
+
+def _sparse_summary(model) -> str:
+    from .layer import SparseLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    nnz, total = sum(m.nnz for m in layers), sum(m.in_features * m.out_features for m in layers)
+    return f"{len(layers)} sparse layers, sparsity {1 - nnz / max(total, 1):.3f}, {next(model.parameters()).dtype}"
+
+
 def main(argv=None) -> int:
     """``seft``: 0 on success, 2 for an error explained in one line (bad options or input, a
     failed write), 130 after Ctrl-C."""
@@ -263,7 +331,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     ok = False
     try:
-        rc = {"run": cmd_run, "prune": cmd_run, "train": cmd_run, "eval": cmd_eval, "export": cmd_export}[a.command](a)
+        rc = {"run": cmd_run, "prune": cmd_run, "train": cmd_run, "eval": cmd_eval, "export": cmd_export,
+              "generate": cmd_generate}[a.command](a)
         ok = True
         return rc
     except KeyboardInterrupt as e:
