@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/csr_tile_index.h"
 #include "cuda/common_cuda.h"
