@@ -5,7 +5,9 @@ Per case (shape out x in, sparsity, tokens), on one device, in one process:
   fwd + bwd      csr_spmm + csr_spmm_t + csr_sddmm (all non-zeros)  vs  F.linear + dY @ W + dY^T @ X
 and the peak memory of one training step (forward, backward, SGD) of a stack of LLaMA-MLP
 layers (down(silu(gate(x)) * up(x))), 70% sparse: seft_ext.SparseLinear vs masked dense
-(dense bf16 weights * mask, dense grads).
+(dense bf16 weights * mask, dense grads). Block-sparse (BSR) weights: bsr_spmm [+ bsr_spmm_t +
+bsr_sddmm over all blocks] vs the same dense calls, 16x16 and 32x32 blocks (the tensor-core
+kernels from 64 tokens), 70% of the blocks pruned.
 
 Timing: CUDA events around each call (the device timeline, launch gaps included), a 256 MiB
 buffer zeroed before every call so no weight is served from L2 (as triton's do_bench does),
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import seft_ext
-from seft_ext import CSRWeight, SEFTConfig, SEFTController, SEFTLinear, SparseLinear, ops
+from seft_ext import BSRWeight, CSRWeight, SEFTConfig, SEFTController, SEFTLinear, SparseLinear, ops
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = [0.5, 0.7, 0.9]
@@ -47,6 +49,9 @@ MLP = dict(hidden=4096, inter=11008, layers=4, sparsity=0.7, tokens=4096)
 SMOKE_SHAPES = [(64, 96), (172, 64)]
 SMOKE_TOKENS = [1, 16, 40]
 SMOKE_MLP = dict(hidden=64, inter=172, layers=4, sparsity=0.7, tokens=40)
+# BSR cases: (out, in), block sparsity, blocks, tokens (4 cases, seconds in all on a GPU)
+BSR = dict(shape=(4096, 4096), sparsity=0.7, blocks=[(16, 16), (32, 32)], tokens=[16, 4096])
+SMOKE_BSR = dict(shape=(64, 96), sparsity=0.7, blocks=[(16, 16), (32, 32)], tokens=[16, 40])
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEED = 0
@@ -215,6 +220,100 @@ def run_case(device, dtype, out, inp, sp, tokens, timer, args, dense_cache, note
     return row
 
 
+def bsr_refs(w, x, dy, w_dense):
+    """fp32 dense references of Y, dX and the blocks' gradient [nblocks, r, c] (padding 0)."""
+    (out, inp), (r, c), (nbr, nbc) = w.shape, w.block, w.block_shape
+    xf, dyf, wf = x.float(), dy.float(), w_dense.float()
+    g = dyf.new_zeros(nbr * r, nbc * c)
+    g[:out, :inp] = dyf.t() @ xf
+    blocks = g.view(nbr, r, nbc, c).permute(0, 2, 1, 3)[w.block_rows(), w.col.long()]
+    return F.linear(xf, wf), dyf @ wf, blocks
+
+
+def run_bsr_case(device, dtype, out, inp, sp, block, tokens, timer, args, dense_cache, notes):
+    reps = args.big_max_repeats if tokens >= 1024 else args.max_repeats
+    weight, _, x, dy = make_case(device, out, inp, sp, tokens, dtype)
+    (r, c), tag = block, f"{out}x{inp} block {block[0]}x{block[1]} tokens={tokens} sparsity={sp:.0%}"
+    nbr, nbc = -(-out // r), -(-inp // c)
+    g = torch.Generator(device=device).manual_seed(SEED + r * 31 + c)
+    w = BSRWeight.from_dense(weight, block, torch.rand(nbr, nbc, generator=g, device=device) >= sp, dtype=dtype)
+    w_dense = w.to_dense()
+    del weight
+    # the CUDA ops also keep a block index (int32 [nbc + 1 + 2 nblocks]) per pattern
+    w_bytes = w.nbytes() + 4 * (nbc + 1 + 2 * w.nnz_blocks)
+    row = dict(shape=f"{out}x{inp}", block=f"{r}x{c}", tokens=tokens, sparsity=sp,
+               bytes=w_bytes / (out * inp * w_dense.element_size()))
+    key = (out, inp, tokens)
+    if key not in dense_cache:
+        d_fwd = timer.measure(lambda: F.linear(x, w_dense), reps)
+        d_fb = timer.measure(lambda: (F.linear(x, w_dense), dy @ w_dense, dy.t() @ x), reps)
+        d_fwd.pop("out", None)
+        d_fb.pop("out", None)
+        dense_cache[key] = (d_fwd, d_fb)
+    row["d_fwd"], row["d_fb"] = dense_cache[key]
+    cr, col, v = w.crow, w.col, w.values
+    try:
+        row["o_fwd"] = timer.measure(lambda: ops.bsr_spmm(x, cr, col, v, out), reps)
+        row["o_fwd"].pop("out", None)
+        row["o_fb"] = timer.measure(lambda: (ops.bsr_spmm(x, cr, col, v, out), ops.bsr_spmm_t(dy, cr, col, v, inp),
+                                             ops.bsr_sddmm(dy, x, cr, col, r, c)), reps)
+        outs = row["o_fb"].pop("out", None)
+        if outs is not None:
+            errs = [rel_err(o, ref) for o, ref in zip(outs, bsr_refs(w, x, dy, w_dense))]
+            row["err"] = "/".join(f"{e:.0e}" for e in errs)
+            if not max(errs) < args.max_err:
+                notes.add(f"LARGE ERROR: BSR {tag}: rel err Y/dX/dV {row['err']} (limit {args.max_err})")
+    except Exception as e:  # noqa: BLE001 - report, do not hide
+        notes.add(f"seft ops failed, BSR {tag}: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        row.setdefault("o_fwd", dict(skip="error"))
+        row.setdefault("o_fb", dict(skip="error"))
+    return row
+
+
+def run_bsr_phase(device, dtype, cfg, timer, args, dense_cache, notes, bsr_rows, report):
+    (out, inp), sp = cfg["shape"], cfg["sparsity"]
+    for t in cfg["tokens"]:
+        for block in cfg["blocks"]:
+            print(f"[bench_gpu] BSR {out}x{inp} block {block} tokens={t} ({timer.budget.elapsed():.0f} s)",
+                  file=sys.stderr, flush=True)
+            if timer.budget.left() <= 0:
+                bsr_rows.append(dict(shape=f"{out}x{inp}", block=f"{block[0]}x{block[1]}", tokens=t, sparsity=sp,
+                                     bytes=float("nan"), o_fwd=dict(skip="time budget spent")))
+                continue
+            try:
+                bsr_rows.append(run_bsr_case(device, dtype, out, inp, sp, block, t, timer, args, dense_cache, notes))
+            except Exception as e:  # noqa: BLE001 - record, go on
+                traceback.print_exc()
+                notes.add(f"case BSR {out}x{inp} block {block} tokens={t} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}")
+                bsr_rows.append(dict(shape=f"{out}x{inp}", block=f"{block[0]}x{block[1]}", tokens=t, sparsity=sp,
+                                     bytes=float("nan"), o_fwd=dict(skip="error")))
+            gc.collect()
+            report()
+
+
+def bsr_table(bsr_rows, dtype_name) -> list[str]:
+    if not bsr_rows:
+        return []
+    lines = ["", f"## BSR ops ({dtype_name})", "",
+             "ours = bsr_spmm [+ bsr_spmm_t + bsr_sddmm over all blocks]; dense = F.linear(x, W) [+ dY @ W + "
+             "dY^T @ X] with the block-masked dense W; sparsity: the share of blocks pruned; bytes: values, col, "
+             "crow and the CUDA ops' block index over the dense weight; rel err against fp32 dense math.", "",
+             "| shape (out x in) | block | tokens | sparsity | ours fwd ms | dense fwd ms | ours/dense fwd "
+             "| ours fwd+bwd ms | dense fwd+bwd ms | ours/dense fwd+bwd | rel err Y/dX/dV | bytes/dense "
+             "| N (4 ms columns) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in bsr_rows:
+        lines.append(
+            f"| {r['shape']} | {r['block']} | {r['tokens']} | {r['sparsity']:.0%} | {fmt_ms(r.get('o_fwd'))} "
+            f"| {fmt_ms(r.get('d_fwd'))} | {fmt_ratio(r.get('o_fwd'), r.get('d_fwd'))} | {fmt_ms(r.get('o_fb'))} "
+            f"| {fmt_ms(r.get('d_fb'))} | {fmt_ratio(r.get('o_fb'), r.get('d_fb'))} | {r.get('err', 'n/a')} "
+            f"| {fmt_bytes(r['bytes'])} "
+            f"| {fmt_reps(r.get('o_fwd'), r.get('d_fwd'), r.get('o_fb'), r.get('d_fb'))} |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------- memory
 class MaskedLinear(nn.Module):
     """Masked dense baseline: a dense weight, multiplied by its mask in every forward."""
@@ -381,7 +480,7 @@ def gpu_info(device):
     return name, extra
 
 
-def write_report(path, args, device, dtype_name, started, rows, mem, notes, budget, done, ceil=None):
+def write_report(path, args, device, dtype_name, started, rows, mem, notes, budget, done, ceil=None, bsr_rows=()):
     bi = seft_ext.build_info
     gpu, smi = gpu_info(device)
     lines = [f"# seft_ext GPU op benchmark ({started})", "",
@@ -427,6 +526,7 @@ def write_report(path, args, device, dtype_name, started, rows, mem, notes, budg
             f"| {fmt_rate(r.get('fwd_bytes', 0), r.get('o_fwd'), (ceil or {}).get('copy_bps'), 1e9)} "
             f"| {fmt_rate(r.get('fb_flops', 0), r.get('o_fb'), (ceil or {}).get('mm_flops'), 1e12)} "
             f"| {fmt_reps(r.get('o_fwd'), r.get('d_fwd'), r.get('s_fwd'), r.get('o_fb'), r.get('d_fb'))} |")
+    lines += bsr_table(bsr_rows, dtype_name)
     cfg = args.mlp
     lines += ["", f"## Training step memory: {cfg['layers']} LLaMA-MLP layers (hidden {cfg['hidden']}, "
               f"intermediate {cfg['inter']}), {cfg['sparsity']:.0%} sparse, {cfg['tokens']} tokens, {dtype_name}", "",
@@ -506,18 +606,23 @@ def main() -> int:
 
     budget = Budget(args.budget_s)
     timer = Timer(device, args, budget)
-    rows, mem, notes, dense_cache = [], [], set(), {}
+    rows, mem, notes, dense_cache, bsr_rows = [], [], set(), {}, []
     ceil = measure_ceilings(device, timer)
 
     def report(done=False):
-        return write_report(out_path, args, device, args.dtype, started, rows, mem, notes, budget, done, ceil)
+        return write_report(out_path, args, device, args.dtype, started, rows, mem, notes, budget, done, ceil,
+                            bsr_rows)
 
-    # Small token counts first, then the training step, then the slow 4096-token cases.
-    split = max(tokens) if args.smoke else 1024  # the smoke run goes through all three phases too
+    # Small token counts first, then BSR, the training step, then the slow 4096-token cases.
+    split = max(tokens) if args.smoke else 1024  # the smoke run goes through all four phases too
     small = [t for t in tokens if t < split]
     large = [t for t in tokens if t >= split]
-    phases = [("ops", small), ("memory", None), ("ops", large)]
+    phases = [("ops", small), ("bsr", None), ("memory", None), ("ops", large)]
     for phase, toks in phases:
+        if phase == "bsr":
+            run_bsr_phase(device, dtype, SMOKE_BSR if args.smoke else BSR, timer, args, dense_cache, notes, bsr_rows,
+                          report)
+            continue
         if phase == "memory":
             if args.skip_memory:
                 continue

@@ -16,14 +16,15 @@
 #                (timed; then checks the installed build has the CUDA kernels)              [~1.5-3 min; 3.5 min on 2 cores]
 #     diag       nvidia-smi, python -m seft_ext, compute-sanitizer --version                 [~5-10 s]
 #     tests      SEFT_TEST_DEVICES=cuda python -m pytest tests/test_ops.py tests/test_tile_ptr.py
-#                tests/test_cuda_evolve.py: the same op tests as on the CPU, their CUDA cases (every
+#                tests/test_bsr.py tests/test_cuda_evolve.py: the same op tests as on the CPU (CSR and
+#                BSR), their CUDA cases (every
 #                kernel path against dense fp64 math, tile edges, > 65535 blocks, int32 columns,
 #                bitwise repeatability, no sync after a checked pattern, in-place pattern changes,
 #                opcheck, gradcheck, torch.compile) and the evolution ops on CUDA. SEFT_TEST_DEVICES
 #                makes CUDA that cannot be tested an error, not a skip; the CPU cases run in CI.
-#                4 pytest workers when pytest-xdist is installed      [~1-1.5 min; ~2-2.5 min without xdist]
+#                4 pytest workers when pytest-xdist is installed      [~1.5-2 min; ~2.5-3 min without xdist]
 #     memcheck   compute-sanitizer --tool memcheck  on every op and path, 160x136 weight,
-#                8 and 130 tokens                                                         [~20-60 s]
+#                8 and 130 tokens (CSR; BSR in 4x4, 16x16, 32x16 blocks)                  [~20-60 s]
 #     racecheck  compute-sanitizer --tool racecheck on the same                             [~20-60 s]
 #                (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each tensor is its own allocation)
 #     bench      python bench/bench_gpu.py --out $OUT/bench_gpu.md --budget-s <= 150         [~2.5 min]
@@ -128,6 +129,36 @@ for dtype, idx, with_bias, T in ((torch.float32, torch.int16, True, 8), (torch.b
     torch.cuda.synchronize()
     print(f"ok   {dtype} SparseLinear backward: grad norms x {float(xg.grad.float().norm()):.3g}, "
           f"values {float(layer.values.grad.float().norm()):.3g}")
+# BSR: 4x4 blocks (CUDA cores) and 16x16 / 32x16 (tensor cores from 64 tokens), 150x200 (not multiples
+# of the blocks), empty block rows, slots
+from seft_ext import BSRWeight
+for dtype, block, T in ((torch.float32, (4, 4), 8), (torch.bfloat16, (16, 16), 8), (torch.bfloat16, (16, 16), 130),
+                        (torch.float16, (32, 16), 130)):
+    (r, c), out, inn = block, 150, 200
+    bmask = torch.rand(-(-out // r), -(-inn // c)) < 0.4
+    bmask[0] = False
+    bmask[-1] = False
+    w = BSRWeight.from_dense(torch.randn(out, inn), block, bmask, dtype=dtype)
+    x, dy, bias = torch.randn(T, inn).to(dtype), torch.randn(T, out).to(dtype), torch.randn(out).to(dtype)
+    slots = torch.arange(0, w.nnz_blocks, 3)
+    cpu = (ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn),
+           ops.bsr_sddmm(dy, x, w.crow, w.col, r, c), ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots))
+    W, X, DY = w.to("cuda"), x.cuda(), dy.cuda()
+    gpu = (ops.bsr_spmm(X, W.crow, W.col, W.values, out, bias.cuda()), ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn),
+           ops.bsr_sddmm(DY, X, W.crow, W.col, r, c), ops.bsr_sddmm(DY, X, W.crow, W.col, r, c, slots.cuda()))
+    torch.cuda.synchronize()
+    for name, ref, g in zip(("bsr_spmm", "bsr_spmm_t", "bsr_sddmm", "bsr_sddmm slots"), cpu, gpu):
+        err = float((g.double().cpu() - ref.double()).norm() / ref.double().norm())
+        ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {dtype} {block} T={T} {name}: rel err vs CPU {err:.1e}")
+try:  # an invalid block pattern is rejected on the device
+    ops.bsr_spmm(torch.randn(4, 8, device="cuda"), torch.tensor([0, 2, 2], dtype=torch.int32, device="cuda"),
+                 torch.tensor([1, 0], dtype=torch.int32, device="cuda"), torch.ones(2, 4, 4, device="cuda"), 8)
+    print("FAIL an unsorted BSR pattern was accepted")
+    bad += 1
+except RuntimeError as e:
+    print(f"ok   rejected an unsorted BSR pattern: {str(e).splitlines()[0]}")
 # an empty weight (nnz 0) and zero tokens
 crow0 = torch.zeros(5, dtype=torch.int32, device="cuda")
 col0 = torch.zeros(0, dtype=torch.int16, device="cuda")
@@ -220,7 +251,7 @@ sys.exit(0 if ok else 1)") || { echo "ERROR: the CUDA tests cannot run"; rc=1; }
   # The op tests' CUDA cases only (SEFT_TEST_DEVICES=cuda: an error if CUDA cannot be tested);
   # their CPU cases run in CI.
   SEFT_TEST_DEVICES=cuda "$PY" -m pytest -q -p no:cacheprovider --durations=15 ${workers[@]+"${workers[@]}"} \
-    tests/test_ops.py tests/test_tile_ptr.py tests/test_cuda_evolve.py || rc=1
+    tests/test_ops.py tests/test_tile_ptr.py tests/test_bsr.py tests/test_cuda_evolve.py || rc=1
   line=$(mylog | grep -E '[0-9]+ (passed|failed|error)' | tail -1)
   detail "pytest: ${line:-no summary line}"
   return "$rc"

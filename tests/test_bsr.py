@@ -1,12 +1,17 @@
-"""BSR storage (BSRWeight) and the bsr_spmm / bsr_spmm_t / bsr_sddmm ops on the CPU (every
-instruction set), against dense fp64 math (tests/reference.py, one tolerance table); bad input,
-gradients, opcheck, torch.compile, thread-count determinism, SparseLinear with blocks."""
+"""BSR storage (BSRWeight) and the bsr_spmm / bsr_spmm_t / bsr_sddmm ops on every device present
+(the CPU's instruction sets; CUDA's auto, tensor_core and cuda_core paths: tests/cuda_env.py),
+against dense fp64 math (tests/reference.py, one tolerance table); the tensor-core block shapes
+across tile edges, bad input (the same messages on every device), gradients, opcheck,
+torch.compile, determinism, SparseLinear with blocks. The CUDA-only cases (launch-grid limits,
+no synchronisation) are skipped without CUDA."""
 import re
 
 import pytest
 import torch
 
+import seft_ext
 from seft_ext import BSRWeight, SparseLinear, ops
+from cuda_env import requires_cuda
 from reference import DenseBSR, assert_matches, random_bsr
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -26,63 +31,151 @@ def _id(v):
     return "x".join(str(a) for a in v)
 
 
-@pytest.fixture
-def cpu_kernel(kernel):
-    if kernel != "cpu":
-        pytest.skip("the BSR ops have CPU kernels only (this round)")
-    return kernel
+def _to(device, *ts):
+    return [None if t is None else t.to(device) for t in ts]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("block", BLOCKS, ids=_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_ops_match_dense(cpu_kernel, dtype, block, shape):
+def test_ops_match_dense(kernel, dtype, block, shape):
     """All three ops, with and without bias / slots, int16 and int32 block columns, every leading shape."""
     out, inn, density = shape
     for idx in IDX:
         w = random_bsr(out, inn, block, density, dtype, index=idx)
-        ref, (r, c) = DenseBSR(w), block
+        ref, (r, c), W = DenseBSR(w), block, w.to(kernel)
         bias = torch.randn(out).to(dtype)
         slots = torch.nonzero(torch.rand(w.nnz_blocks) < 0.5).flatten()
+        B, S = _to(kernel, bias, slots)
         for lead in LEADS:
             x = torch.randn(*lead, inn).to(dtype)
             dy = torch.randn(*lead, out).to(dtype)
+            X, DY = _to(kernel, x, dy)
             tag = f"{dname(idx)} lead {lead}"
-            y = ops.bsr_spmm(x, w.crow, w.col, w.values, out)
-            assert y.dtype == dtype and y.shape == (*lead, out), tag
+            y = ops.bsr_spmm(X, W.crow, W.col, W.values, out)
+            assert y.device.type == kernel and y.dtype == dtype and y.shape == (*lead, out), tag
             assert_matches(y, ref.spmm(x), dtype, f"bsr_spmm {tag}")
-            assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ref.spmm(x, bias), dtype,
+            assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, out, B), ref.spmm(x, bias), dtype,
                            f"bsr_spmm + bias {tag}")
-            dx = ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn)
-            assert dx.dtype == dtype and dx.shape == (*lead, inn), tag
+            dx = ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn)
+            assert dx.device.type == kernel and dx.dtype == dtype and dx.shape == (*lead, inn), tag
             assert_matches(dx, ref.spmm_t(dy), dtype, f"bsr_spmm_t {tag}")
-            g = ops.bsr_sddmm(dy, x, w.crow, w.col, r, c)
-            assert g.dtype == ops.acc_dtype(dtype) and g.shape == (w.nnz_blocks, r, c), tag
+            g = ops.bsr_sddmm(DY, X, W.crow, W.col, r, c)
+            assert g.device.type == kernel and g.dtype == ops.acc_dtype(dtype), tag
+            assert g.shape == (w.nnz_blocks, r, c), tag
             assert_matches(g, ref.sddmm(dy, x), ops.acc_dtype(dtype), f"bsr_sddmm {tag}")
-            gs = ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots)
+            gs = ops.bsr_sddmm(DY, X, W.crow, W.col, r, c, S)
             assert gs.shape == (slots.numel(), r, c), tag
             assert_matches(gs, ref.sddmm(dy, x, slots), ops.acc_dtype(dtype), f"bsr_sddmm slots {tag}")
 
 
-def test_padding_of_sddmm_is_zero():
-    w = random_bsr(10, 13, (4, 4), 1.0, torch.float64, empty_rows=False)
-    g = ops.bsr_sddmm(torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 13, dtype=torch.float64),
-                      w.crow, w.col, 4, 4)
-    full = torch.zeros(3, 4, 4, 4, dtype=torch.float64)
+# Block shapes of the CUDA tensor-core kernels (sides multiples of 16: bands of 16, 32 and 64 rows
+# or columns, several bands per block) on tokens across their 128-token tiles and 32-token slices,
+# shapes that are multiples of neither the block nor the tiles; every op twice (bitwise the same).
+TC_BLOCKS = [(16, 16), (32, 32), (16, 48), (64, 16), (48, 128)]
+TC_CASES = [(100, 200, 0.5, 64), (70, 129, 0.6, 130), (150, 300, 0.3, 257)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=dname)
+@pytest.mark.parametrize("block", TC_BLOCKS, ids=_id)
+def test_tensor_core_blocks(kernel, dtype, block):
+    r, c = block
+    for out, inn, density, T in TC_CASES:
+        w = random_bsr(out, inn, block, density, dtype, index=torch.int16 if T % 2 else torch.int32)
+        ref, W = DenseBSR(w), w.to(kernel)
+        x, dy, bias = torch.randn(T, inn).to(dtype), torch.randn(T, out).to(dtype), torch.randn(out).to(dtype)
+        slots = torch.arange(1, w.nnz_blocks, 2)
+        X, DY, B, S = _to(kernel, x, dy, bias, slots)
+        tag = f"{out}x{inn} T={T}"
+        results = []
+        for _ in range(2):
+            results.append((ops.bsr_spmm(X, W.crow, W.col, W.values, out, B),
+                            ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn),
+                            ops.bsr_sddmm(DY, X, W.crow, W.col, r, c), ops.bsr_sddmm(DY, X, W.crow, W.col, r, c, S)))
+        y, dx, g, gs = results[0]
+        assert_matches(y, ref.spmm(x, bias), dtype, f"bsr_spmm {tag}")
+        assert_matches(dx, ref.spmm_t(dy), dtype, f"bsr_spmm_t {tag}")
+        g_ref = ref.sddmm(dy, x)
+        assert_matches(g, g_ref, ops.acc_dtype(dtype), f"bsr_sddmm {tag}")
+        assert_matches(gs, g_ref[slots], ops.acc_dtype(dtype), f"bsr_sddmm slots {tag}")
+        for a, b in zip(results[0], results[1]):
+            assert torch.equal(a, b), tag
+
+
+# (out, in, block, tokens, density, dtype): a layer-sized weight, more than 65,535 thread blocks
+# for bsr_sddmm's CUDA-core kernel (a grid-stride loop; test_token_tiles_past_the_grid_limit
+# covers the others); inputs and the fp64 reference on the GPU. No full block row
+# (empty_rows=False): the small cases cover empty and full rows.
+LARGE = [(4096, 4096, (16, 16), 160, 0.3, torch.bfloat16), (4096, 4096, (16, 16), 160, 0.3, torch.float32),
+         (4096, 4096, (4, 4), 160, 0.3, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype, case", [(c[5], c) for c in LARGE],
+                         ids=[f"{c[0]}x{c[1]}-{_id(c[2])}-T{c[3]}-{dname(c[5])}" for c in LARGE])
+def test_large_grids(cuda_kernel, dtype, case):
+    out, inn, block, T, density, _ = case
+    dev, (r, c) = cuda_kernel, block
+    w = random_bsr(out, inn, block, density, dtype, empty_rows=False, device=dev)
+    x, dy, bias = (torch.randn(T, inn, device=dev).to(dtype), torch.randn(T, out, device=dev).to(dtype),
+                   torch.randn(out, device=dev).to(dtype))
+    slots = torch.nonzero(torch.rand(w.nnz_blocks, device=dev) < 0.3).flatten()
+    ref = DenseBSR(w)
+    y = ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias)
+    assert_matches(y, ref.spmm(x, bias), dtype, "bsr_spmm")
+    dx = ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn)
+    assert_matches(dx, ref.spmm_t(dy), dtype, "bsr_spmm_t")
+    g = ops.bsr_sddmm(dy, x, w.crow, w.col, r, c)
+    g_ref = ref.sddmm(dy, x)
+    assert_matches(g, g_ref, ops.acc_dtype(dtype), "bsr_sddmm")
+    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots), g_ref[slots], ops.acc_dtype(dtype),
+                   "bsr_sddmm slots")
+    assert torch.equal(y, ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias))
+    assert torch.equal(dx, ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn))
+    assert torch.equal(g, ops.bsr_sddmm(dy, x, w.crow, w.col, r, c))
+
+
+def test_token_tiles_past_the_grid_limit(cuda_kernel):
+    """More than 65,535 tiles of 128 tokens (the tensor-core kernels loop over the grid's y) and
+    more than 65,535 thread blocks for the CUDA-core kernels (grid-stride loops)."""
+    dev, T = cuda_kernel, 65535 * 128 + 300
+    w = random_bsr(48, 40, (16, 16), 0.6, torch.bfloat16, empty_rows=False, device=dev)
+    x, dy = torch.randn(T, 40, device=dev).to(torch.bfloat16), torch.randn(T, 48, device=dev).to(torch.bfloat16)
+    ref = DenseBSR(w)
+    sel = torch.cat([torch.arange(0, 300), torch.arange(65534 * 128, T)]).to(dev)  # the first and last tiles
+    y = ops.bsr_spmm(x, w.crow, w.col, w.values, 48)
+    assert_matches(y[sel], ref.spmm(x[sel]), torch.bfloat16, "bsr_spmm")
+    dx = ops.bsr_spmm_t(dy, w.crow, w.col, w.values, 40)
+    assert_matches(dx[sel], ref.spmm_t(dy[sel]), torch.bfloat16, "bsr_spmm_t")
+    g, g_ref = ops.bsr_sddmm(dy, x, w.crow, w.col, 16, 16).double(), ref.sddmm(dy, x)
+    assert float((g - g_ref).norm() / g_ref.norm()) < 1e-3  # 8.4 M products per entry: fp32 sums
+
+
+@pytest.mark.parametrize("block", [(4, 4), (16, 16)], ids=_id)
+def test_padding_of_sddmm_is_zero(kernel, block):
+    r, c = block
+    w = random_bsr(10 * r // 4, 13 * c // 4, block, 1.0, torch.float64, empty_rows=False)
+    out, inn = w.shape
+    dtype = torch.float64 if kernel == "cpu" else torch.bfloat16  # bf16: the tensor-core path on CUDA
+    x, dy = torch.randn(70, inn, dtype=dtype), torch.randn(70, out, dtype=dtype)
+    g = ops.bsr_sddmm(*_to(kernel, dy, x, w.crow, w.col), r, c).double().cpu()
+    full = torch.zeros(3, 4, r, c, dtype=torch.float64)
     full[w.block_rows(), w.col.long()] = g
-    full = full.permute(0, 2, 1, 3).reshape(12, 16)
-    assert torch.all(full[10:] == 0) and torch.all(full[:, 13:] == 0) and torch.all(full[:10, :13] != 0)
+    full = full.permute(0, 2, 1, 3).reshape(3 * r, 4 * c)
+    assert torch.all(full[out:] == 0) and torch.all(full[:, inn:] == 0) and torch.all(full[:out, :inn] != 0)
 
 
-def test_int32_block_columns_when_needed():
+def test_int32_block_columns_when_needed(device):
     """ceil(in / c) > 32767 takes int32 block columns; the ops address them."""
     inn = 32768 + 3
     dense = torch.zeros(2, inn, dtype=torch.float64)
     dense[0, -1], dense[1, 0], dense[1, 30000] = 2.0, 3.0, 5.0
     w = BSRWeight.from_dense(dense, (1, 1))
     assert w.col.dtype == torch.int32 and w.nnz_blocks == 3
-    x = torch.randn(3, inn, dtype=torch.float64)
-    assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, 2), x @ dense.T, torch.float64)
+    x, dy = torch.randn(3, inn, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    W, X, DY = w.to(device), *_to(device, x, dy)
+    assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, 2), x @ dense.T, torch.float64)
+    assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn), dy @ dense, torch.float64)
+    assert_matches(ops.bsr_sddmm(DY, X, W.crow, W.col, 1, 1).flatten(), (dy.T @ x)[dense != 0], torch.float64)
     assert torch.equal(w.to_dense(), dense)
     assert BSRWeight.from_dense(torch.ones(2, inn), (2, 2)).col.dtype == torch.int16  # 16386 block columns
 
@@ -109,43 +202,48 @@ def test_results_independent_of_thread_count():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dname)
 @pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16), (3, 5)], ids=_id)
-def test_every_token_count(cpu_kernel, dtype, block):
-    """0 to 130 tokens: every remainder of the token blocks (1 to 3 vectors wide) and of the token groups."""
+def test_every_token_count(kernel, dtype, block):
+    """0 to 130 tokens: every remainder of the CPU's token blocks (1 to 3 vectors wide) and token
+    groups, and of the CUDA kernels' token groups."""
     out, inn = 45, 83
     w = random_bsr(out, inn, block, 0.5, dtype)
-    ref, (r, c) = DenseBSR(w), block
+    ref, (r, c), W = DenseBSR(w), block, w.to(kernel)
     bias = torch.randn(out, dtype=dtype)
+    (B,) = _to(kernel, bias)
     for T in range(131):
         x, dy = torch.randn(T, inn, dtype=dtype), torch.randn(T, out, dtype=dtype)
-        assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ref.spmm(x, bias), dtype, f"spmm T {T}")
-        assert_matches(ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn), ref.spmm_t(dy), dtype, f"spmm_t T {T}")
-        assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c), ref.sddmm(dy, x), dtype, f"sddmm T {T}")
+        X, DY = _to(kernel, x, dy)
+        assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, out, B), ref.spmm(x, bias), dtype, f"spmm T {T}")
+        assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn), ref.spmm_t(dy), dtype, f"spmm_t T {T}")
+        assert_matches(ops.bsr_sddmm(DY, X, W.crow, W.col, r, c), ref.sddmm(dy, x), dtype, f"sddmm T {T}")
 
 
-# Large enough for several reduction panels and token groups in bsr_spmm / bsr_spmm_t and several
-# block-row runs in bsr_sddmm, with empty block rows and a token count that is no multiple of a block.
-LARGE = (700, 1403, 130)
+# Large enough for several reduction panels and token groups in the CPU's bsr_spmm / bsr_spmm_t and
+# several block-row runs in its bsr_sddmm, with empty block rows and a token count that is no
+# multiple of a block.
+PANELS = (700, 1403, 130)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16), (3, 5)], ids=_id)
-def test_panels_and_token_groups(cpu_kernel, dtype, block):
-    out, inn, T = LARGE
+def test_panels_and_token_groups(kernel, dtype, block):
+    out, inn, T = PANELS
     w = random_bsr(out, inn, block, 0.3, dtype)
-    ref, (r, c) = DenseBSR(w), block
+    ref, (r, c), W = DenseBSR(w), block, w.to(kernel)
     x, dy, bias = torch.randn(T, inn).to(dtype), torch.randn(T, out).to(dtype), torch.randn(out).to(dtype)
     slots = torch.nonzero(torch.rand(w.nnz_blocks) < 0.5).flatten()
-    assert_matches(ops.bsr_spmm(x, w.crow, w.col, w.values, out, bias), ref.spmm(x, bias), dtype, "spmm")
-    assert_matches(ops.bsr_spmm_t(dy, w.crow, w.col, w.values, inn), ref.spmm_t(dy), dtype, "spmm_t")
+    X, DY, B, S = _to(kernel, x, dy, bias, slots)
+    assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, out, B), ref.spmm(x, bias), dtype, "spmm")
+    assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn), ref.spmm_t(dy), dtype, "spmm_t")
     acc = ops.acc_dtype(dtype)
-    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c), ref.sddmm(dy, x), acc, "sddmm")
-    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots), ref.sddmm(dy, x, slots), acc, "sddmm slots")
+    assert_matches(ops.bsr_sddmm(DY, X, W.crow, W.col, r, c), ref.sddmm(dy, x), acc, "sddmm")
+    assert_matches(ops.bsr_sddmm(DY, X, W.crow, W.col, r, c, S), ref.sddmm(dy, x, slots), acc, "sddmm slots")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 def test_large_results_independent_of_thread_count(dtype):
     """Bitwise the same for 1, 2 and 3 threads with several panels, token groups and row runs."""
-    out, inn, T = LARGE
+    out, inn, T = PANELS
     n = torch.get_num_threads()
     try:
         for block in [(8, 8), (3, 5)]:
@@ -166,29 +264,44 @@ def test_large_results_independent_of_thread_count(dtype):
         torch.set_num_threads(n)
 
 
-def test_empty_weight_and_sizes():
-    crow = torch.zeros(4, dtype=torch.int32)  # out 9 in blocks of 4: ceil(9 / 4) + 1 entries
-    col, vals = torch.zeros(0, dtype=torch.int16), torch.zeros(0, 4, 4)
-    x, dy = torch.randn(3, 7), torch.randn(3, 9)
-    assert torch.equal(ops.bsr_spmm(x, crow, col, vals, 9), torch.zeros(3, 9))
-    b = torch.randn(9)
-    assert torch.equal(ops.bsr_spmm(x, crow, col, vals, 9, b), b.expand(3, 9))
-    assert torch.equal(ops.bsr_spmm_t(dy, crow, col, vals, 7), torch.zeros(3, 7))
+@pytest.mark.parametrize("T", [3, 70])
+def test_empty_weight_and_sizes(kernel, T):
+    dev = kernel
+    crow = torch.zeros(4, dtype=torch.int32, device=dev)  # out 9 in blocks of 4: ceil(9 / 4) + 1 entries
+    col, vals = torch.zeros(0, dtype=torch.int16, device=dev), torch.zeros(0, 4, 4, device=dev)
+    x, dy = torch.randn(T, 7, device=dev), torch.randn(T, 9, device=dev)
+    assert torch.equal(ops.bsr_spmm(x, crow, col, vals, 9), torch.zeros(T, 9, device=dev))
+    b = torch.randn(9, device=dev)
+    assert torch.equal(ops.bsr_spmm(x, crow, col, vals, 9, b), b.expand(T, 9))
+    assert torch.equal(ops.bsr_spmm_t(dy, crow, col, vals, 7), torch.zeros(T, 7, device=dev))
     assert ops.bsr_sddmm(dy, x, crow, col, 4, 4).shape == (0, 4, 4)
-    crow0 = torch.zeros(1, dtype=torch.int32)  # out == 0
-    assert ops.bsr_spmm(x, crow0, col, vals, 0).shape == (3, 0)
-    assert ops.bsr_spmm_t(dy, crow, col, vals, 0).shape == (3, 0)  # in_features == 0
+    # 16 x 16 blocks in bf16 (the tensor-core path on CUDA from 64 tokens), every block row empty
+    crow16, v16 = torch.zeros(2, dtype=torch.int32, device=dev), torch.zeros(0, 16, 16, device=dev).bfloat16()
+    x16, b16 = x.bfloat16(), b.bfloat16()
+    assert torch.equal(ops.bsr_spmm(x16, crow16, col, v16, 9, b16), b16.expand(T, 9))
+    assert torch.equal(ops.bsr_spmm_t(dy.bfloat16(), crow16, col, v16, 7), torch.zeros_like(x16))
+    crow0 = torch.zeros(1, dtype=torch.int32, device=dev)  # out == 0
+    assert ops.bsr_spmm(x, crow0, col, vals, 0).shape == (T, 0)
+    assert ops.bsr_spmm_t(dy, crow, col, vals, 0).shape == (T, 0)  # in_features == 0
+    assert ops.bsr_spmm(x[:0], crow, col, vals, 9).shape == (0, 9)  # no tokens
+    assert torch.equal(ops.bsr_sddmm(dy[:0], x[:0], *_to(dev, *_one_block()), 4, 4), torch.zeros(1, 4, 4, device=dev))
 
 
-def test_non_contiguous_inputs():
+def _one_block():
+    return torch.tensor([0, 1, 1, 1], dtype=torch.int32), torch.tensor([1], dtype=torch.int16)
+
+
+def test_non_contiguous_inputs(device):
     w = random_bsr(20, 45, (8, 8), 0.5)
     ref = DenseBSR(w)
     x, dy = torch.randn(45, 9).T, torch.randn(20, 9).T
     vals = w.values.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not x.is_contiguous() and not vals.is_contiguous()
-    assert_matches(ops.bsr_spmm(x, w.crow, w.col, vals, 20), ref.spmm(x), torch.float32)
-    assert_matches(ops.bsr_spmm_t(dy, w.crow, w.col, vals, 45), ref.spmm_t(dy), torch.float32)
-    assert_matches(ops.bsr_sddmm(dy, x, w.crow, w.col, 8, 8), ref.sddmm(dy, x), torch.float32)
+    X, DY, V, CROW, COL = (t.to(device).transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1
+                           else t.to(device) for t in (x, dy, vals, w.crow, w.col))
+    assert not X.is_contiguous() and not V.is_contiguous()
+    assert_matches(ops.bsr_spmm(X, CROW, COL, V, 20), ref.spmm(x), torch.float32)
+    assert_matches(ops.bsr_spmm_t(DY, CROW, COL, V, 45), ref.spmm_t(dy), torch.float32)
+    assert_matches(ops.bsr_sddmm(DY, X, CROW, COL, 8, 8), ref.sddmm(dy, x), torch.float32)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -222,17 +335,29 @@ SPMM_BAD = {
     "bias-dtype": (lambda w: dict(bias=torch.randn(10, dtype=torch.float64)), "bias has dtype"),
     "out-negative": (lambda w: dict(out_features=-1), "out_features must be >= 0"),
     "out-mismatch": (lambda w: dict(out_features=13), "crow must have ceil(out / r) + 1"),
+    "col-duplicate": (lambda w: dict(crow=_i32(0, 2, 2, 2), col=torch.tensor([1, 1], dtype=torch.int16),
+                                     values=torch.zeros(2, 4, 4)), "sorted and unique"),
 }
 
 
+def _call_bad(device, fn, args, msg):
+    """fn(**args) raises msg on the CPU and, with the arguments on `device`, the same first line there."""
+    with pytest.raises(RuntimeError, match=re.escape(msg)) as cpu_err:
+        fn(**args)
+    if device != "cpu":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(RuntimeError, match=re.escape(msg)) as err:
+            fn(**moved)
+        assert str(err.value).splitlines()[0] == str(cpu_err.value).splitlines()[0]
+
+
 @pytest.mark.parametrize("case", list(SPMM_BAD), ids=str)
-def test_bad_input_spmm(case):
+def test_bad_input_spmm(device, case):
     w = _w()
     make, msg = SPMM_BAD[case]
     args = dict(x=torch.randn(2, 13), crow=w.crow, col=w.col, values=w.values, out_features=10, bias=None)
     args.update(make(w))
-    with pytest.raises(RuntimeError, match=re.escape(msg)):
-        ops.bsr_spmm(**args)
+    _call_bad(device, ops.bsr_spmm, args, msg)
 
 
 SPMM_T_BAD = {
@@ -247,13 +372,12 @@ SPMM_T_BAD = {
 
 
 @pytest.mark.parametrize("case", list(SPMM_T_BAD), ids=str)
-def test_bad_input_spmm_t(case):
+def test_bad_input_spmm_t(device, case):
     w = _w()
     make, msg = SPMM_T_BAD[case]
     args = dict(grad_out=torch.randn(2, 10), crow=w.crow, col=w.col, values=w.values, in_features=13)
     args.update(make(w))
-    with pytest.raises(RuntimeError, match=re.escape(msg)):
-        ops.bsr_spmm_t(**args)
+    _call_bad(device, ops.bsr_spmm_t, args, msg)
 
 
 SDDMM_BAD = {
@@ -275,25 +399,25 @@ SDDMM_BAD = {
 
 
 @pytest.mark.parametrize("case", list(SDDMM_BAD), ids=str)
-def test_bad_input_sddmm(case):
+def test_bad_input_sddmm(device, case):
     w = _w()
     make, msg = SDDMM_BAD[case]
     args = dict(grad_out=torch.randn(2, 10), x=torch.randn(2, 13), crow=w.crow, col=w.col, r=4, c=4, slots=None)
     args.update(make(w))
-    with pytest.raises(RuntimeError, match=re.escape(msg)):
-        ops.bsr_sddmm(**args)
+    _call_bad(device, ops.bsr_sddmm, args, msg)
 
 
 # ------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("block", [(4, 4), (3, 5)], ids=_id)
-def test_gradcheck(cpu_kernel, block):
+@pytest.mark.parametrize("dtype", [torch.float64], ids=dname)
+def test_gradcheck(kernel, dtype, block):
     r, c = block
-    w = random_bsr(10, 13, block, 0.6, torch.float64, empty_rows=False)
-    x = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    w = random_bsr(10, 13, block, 0.6, dtype, empty_rows=False).to(kernel)
+    x = torch.randn(3, 13, dtype=dtype, device=kernel, requires_grad=True)
+    dy = torch.randn(3, 10, dtype=dtype, device=kernel, requires_grad=True)
     v = w.values.clone().requires_grad_()
-    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
-    slots = torch.tensor([0, 2], dtype=torch.int64)
+    b = torch.randn(10, dtype=dtype, device=kernel, requires_grad=True)
+    slots = torch.tensor([0, 2], dtype=torch.int64, device=kernel)
 
     def f(x, v, b):
         return ops.bsr_spmm(x, w.crow, w.col, v, 10, b)
@@ -310,22 +434,27 @@ OPCHECK = [(op, dtype, variant) for dtype in [torch.float32, torch.float64, torc
                                ("bsr_sddmm", "slots")]]
 
 
-def _opcheck_args(op, dtype, variant):
-    w = random_bsr(12, 40, (4, 8), 0.5, dtype)
-    x = torch.randn(2, 5, 40).to(dtype).requires_grad_()
-    dy = torch.randn(2, 5, 12).to(dtype).requires_grad_()
+def _opcheck_args(op, dtype, variant, device, block=(4, 8)):
+    (r, c), tokens = block, (2, 5) if block == (4, 8) else (2, 40)
+    w = random_bsr(12 * r // 4, 40 * c // 8, block, 0.5, dtype).to(device)
+    out, inn = w.shape
+    x = torch.randn(*tokens, inn, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(*tokens, out, device=device).to(dtype).requires_grad_()
     v = w.values.clone().requires_grad_(dtype != torch.bfloat16)
     if op == "bsr_spmm":
-        return (x, w.crow, w.col, v, 12, torch.randn(12).to(dtype) if variant == "bias" else None)
+        return (x, w.crow, w.col, v, out, torch.randn(out, device=device).to(dtype) if variant == "bias" else None)
     if op == "bsr_spmm_t":
-        return (dy, w.crow, w.col, v, 40)
-    return (dy, x, w.crow, w.col, 4, 8, torch.tensor([0, 2]) if variant == "slots" else None)
+        return (dy, w.crow, w.col, v, inn)
+    return (dy, x, w.crow, w.col, r, c, torch.tensor([0, 2], device=device) if variant == "slots" else None)
 
 
 @pytest.mark.parametrize("op, dtype, variant", OPCHECK,
                          ids=["-".join(filter(None, (op, dname(d), v))) for op, d, v in OPCHECK])
-def test_opcheck(op, dtype, variant):
-    torch.library.opcheck(getattr(torch.ops.seft, op).default, _opcheck_args(op, dtype, variant))
+def test_opcheck(device, op, dtype, variant):
+    torch.library.opcheck(getattr(torch.ops.seft, op).default, _opcheck_args(op, dtype, variant, device))
+    if device == "cuda" and dtype == torch.bfloat16:  # 16 x 16 blocks and 80 tokens: the tensor-core path
+        torch.library.opcheck(getattr(torch.ops.seft, op).default,
+                              _opcheck_args(op, dtype, variant, device, block=(16, 16)))
 
 
 # ------------------------------------------------------------------------------- SparseLinear
@@ -482,6 +611,8 @@ def test_op_registered_with_cpu_and_meta_kernels(name):
     assert str(getattr(torch.ops.seft, name).default._schema) == SCHEMAS[name]
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{name}", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{name}", "Meta")
+    cuda_built = bool(seft_ext.build_info and seft_ext.build_info.WITH_CUDA)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seft::{name}", "CUDA") == cuda_built
 
 
 def test_isas_agree():
@@ -501,3 +632,71 @@ def test_isas_agree():
         ops.cpu_isa("auto")
     for a, b in zip(results["base"], results["avx2"]):
         assert_matches(a, b, torch.float64)
+
+
+# ------------------------------------------------------------------------------- CUDA: checks and streams
+def test_pattern_changed_in_place_is_checked_again(device):
+    """A checked pattern is remembered per tensor version (CUDA): an in-place change re-checks."""
+    w = random_bsr(40, 50, (8, 8), 0.5, index=torch.int32, empty_rows=False)
+    W = w.to(device)
+    W.col = W.col.clone()  # changed below; w keeps the pattern for the reference
+    x = torch.randn(3, 50)
+    X = x.to(device)
+    ops.bsr_spmm(X, W.crow, W.col, W.values, 40)
+    br = int(torch.nonzero((w.crow[1:] - w.crow[:-1]) >= 2)[0])  # a block row with >= 2 blocks
+    p = int(w.crow[br])
+    W.col[p + 1] = W.col[p]  # a duplicate block column: bumps col's version
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.bsr_spmm(X, W.crow, W.col, W.values, 40)
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.bsr_spmm_t(torch.randn(3, 40, device=device), W.crow, W.col, W.values, 50)
+    with pytest.raises(RuntimeError, match="sorted and unique"):
+        ops.bsr_sddmm(torch.randn(3, 40, device=device), X, W.crow, W.col, 8, 8)
+    W.col[p + 1] = int(w.col[p + 1])  # restored: accepted again
+    assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, 40), DenseBSR(w).spmm(x), torch.float32)
+
+
+@requires_cuda
+def test_mixed_devices_rejected():
+    w = random_bsr(8, 8, (4, 4), 0.5)
+    with pytest.raises(RuntimeError, match="is on"):
+        ops.bsr_spmm(torch.randn(2, 8, device="cuda"), w.crow, w.col.cuda(), w.values.cuda(), 8)
+
+
+@requires_cuda
+def test_runs_on_current_stream():
+    w = random_bsr(64, 64, (16, 16), 0.5)
+    x = torch.randn(80, 64).bfloat16()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        W, X = w.to("cuda", torch.bfloat16), x.to("cuda")
+        y = ops.bsr_spmm(X, W.crow, W.col, W.values, 64)
+        dx = ops.bsr_spmm_t(y, W.crow, W.col, W.values, 64)
+    s.synchronize()
+    ref = DenseBSR(w.to(dtype=torch.bfloat16))
+    assert_matches(y, ref.spmm(x), torch.bfloat16)
+    assert_matches(dx, ref.spmm_t(y.cpu()), torch.bfloat16)
+
+
+@requires_cuda
+def test_training_step_does_not_synchronise():
+    """After the first call has checked the pattern (and slots), the CUDA ops read nothing back."""
+    for block in [(16, 16), (4, 4)]:
+        W = random_bsr(256, 384, block, 0.3, torch.bfloat16, index=torch.int16).to("cuda")
+        slots = torch.arange(0, W.nnz_blocks, 5, device="cuda")
+        for T in (4, 256):  # both paths
+            x = torch.randn(T, 384, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
+            calls = [lambda: ops.bsr_spmm(x, W.crow, W.col, W.values, 256),
+                     lambda: ops.bsr_spmm_t(dy, W.crow, W.col, W.values, 384),
+                     lambda: ops.bsr_sddmm(dy, x, W.crow, W.col, *block, slots),
+                     lambda: ops.bsr_sddmm(dy, x, W.crow, W.col, *block)]
+            for call in calls:
+                call()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for call in calls:
+                    call()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)

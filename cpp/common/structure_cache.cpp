@@ -100,7 +100,7 @@ void checked_slots(const at::Tensor& slots, int64_t nnz, const std::function<voi
     run();
     return;
   }
-  // -1 - nnz: slot keys never collide with a structure key (whose third member is >= 0).
+  // (slots, null, -1 - nnz): never a structure key (CSR: (crow, col, in >= 0); BSR: (crow, col, -1 - nbc)).
   lookup_or_check(Key{slots.unsafeGetTensorImpl(), nullptr, -1 - nnz}, {slots}, run);
 }
 

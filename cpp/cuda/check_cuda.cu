@@ -69,7 +69,7 @@ __global__ void check_slots_kernel(const int64_t* slots, int64_t n, int64_t nnz,
 
 // crow / col (and slots when defined) are contiguous and on the current device.
 void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t in, const at::Tensor& slots,
-                     const std::function<void()>& before_sync) {
+                     const std::function<void()>& before_sync, const HostPatternCheck& host_check) {
   const int64_t out = crow.numel() - 1, nnz = col.numel();
   at::Tensor flag = at::full({2}, kNoError, crow.options().dtype(at::kLong));
   auto* f = reinterpret_cast<unsigned long long*>(flag.data_ptr<int64_t>());
@@ -96,9 +96,13 @@ void check_on_device(const char* op, const at::Tensor& crow, const at::Tensor& c
   const at::Device cpu(at::kCPU);
   const at::Tensor crow_h = crow.cpu(), col_h = col.cpu();
   if (hf[0] != kNoError) {
-    check_csr(op, crow_h, col_h, nullptr, cpu, /*check_offsets=*/true);
-    check_cols_cpu(op, crow_h, col_h, in);
-    TORCH_CHECK(false, op, ": invalid CSR structure near row ", hf[0]);
+    if (host_check) {
+      host_check(crow_h, col_h);
+    } else {
+      check_csr(op, crow_h, col_h, nullptr, cpu, /*check_offsets=*/true);
+      check_cols_cpu(op, crow_h, col_h, in);
+    }
+    TORCH_CHECK(false, op, ": invalid sparse structure near row ", hf[0]);
   }
   check_slots_cpu(op, slots.cpu(), nnz);
   TORCH_CHECK(false, op, ": invalid slots near slots[", hf[1], "]");
