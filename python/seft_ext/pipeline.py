@@ -320,7 +320,8 @@ def evaluate(model, tok, heldout: str, a) -> dict:
 
 
 def _evaluate(job: Job) -> dict:
-    return evaluate(job.model, job.tok, job.heldout, job.opts)
+    with torch.no_grad():  # no autograd graph: the dense model's weights still require gradients
+        return evaluate(job.model, job.tok, job.heldout, job.opts)
 
 
 def prune(job: Job) -> None:
