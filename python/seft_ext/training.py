@@ -23,6 +23,7 @@ class TrainLoop:
         self.job, a = job, job.opts
         if job.resume is None:
             convert_to_seft(job.model, job.config, masks=job.masks, dense_compute=a.method == "masked-dense")
+            job.masks = None  # in the layers' patterns now (one bool per weight of every decoder linear)
         if getattr(a, "gradient_checkpointing", False):
             enable_checkpointing(job.model)
         params = [p for p in job.model.parameters() if p.requires_grad]
