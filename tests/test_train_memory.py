@@ -136,3 +136,24 @@ def test_lora_rank_matches_seft_budget():
     for n, keep in masks.items():
         w = merged.get_submodule(n).weight
         assert torch.all(w[~keep] == 0) and torch.count_nonzero(w[keep]) > 0.9 * keep.sum()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_loaded_weights_do_not_keep_the_file_mapped(tmp_path):
+    import gc
+
+    from seft_ext.models import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    ref = transformers.LlamaForCausalLM(cfg)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = load_model(str(tmp_path), progress=False)
+    gc.collect()
+    mapped = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+    assert not mapped
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    for (n, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
