@@ -157,3 +157,20 @@ def test_loaded_weights_do_not_keep_the_file_mapped(tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     for (n, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_return_freed_memory_respects_the_environment(monkeypatch):
+    import sys
+
+    from seft_ext._memory import return_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert return_freed_memory() is False  # the user's own setting wins
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert return_freed_memory() is (sys.platform.startswith("linux") and _glibc())
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

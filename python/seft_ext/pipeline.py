@@ -180,9 +180,11 @@ def _check_run(a) -> None:
 def prepare(a) -> Job:
     """Distributed set-up, the data, the resume check, the output folder (claimed for this run),
     the model and the SEFT config: everything that can be refused is, before the model loads."""
+    from ._memory import return_freed_memory
     from .data import load_text, token_windows
     from .models import load_model
 
+    return_freed_memory()  # freed activations go back to the system (glibc keeps them otherwise)
     rank, world, device = init_distributed(a.device)
     progress = not a.no_progress and rank == 0
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
