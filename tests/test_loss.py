@@ -56,3 +56,31 @@ def test_reaches_the_seft_deltas():
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     for n, m in seft_layers(model).items():
         torch.testing.assert_close(m.delta.grad, ref[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_frozen_head_one_pass_matches_reference(softcap, masked):
+    """A frozen lm_head takes the one-pass path (loss and dh together): same value and gradients."""
+    model = tiny(softcap)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    if masked:
+        labels[:, :9] = -100
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    y = labels[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = -(logp * (y != -100)).sum() / (y != -100).sum()
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = causal_lm_loss(model, ids, labels, chunk_tokens=7)
+    assert loss.grad_fn is not None
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    assert head.weight.grad is None
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-9, atol=1e-11, msg=n)

@@ -105,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
             config_option(sft, f, **DRIVER_OVERRIDES.get(f.name, {}))
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute each decoder layer's forward in backward instead of keeping its "
+                          "activations (less memory, about one more forward per step; results unchanged)")
     run.add_argument("--device", default="cpu",
                      help="cpu, cuda or cuda:N (a CUDA build of seft_ext; under torchrun each rank takes "
                           "cuda:LOCAL_RANK and the ranks talk over NCCL)")

@@ -124,7 +124,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, progress: bool = T
         if bars:
             hf_logging.enable_progress_bar()
     _check_weights(spec, info)
+    _own_memory(model)
     return model, tokenizer
+
+
+@torch.no_grad()
+def _own_memory(model) -> None:
+    """Give every weight memory of its own. transformers leaves them as views of the safetensors
+    file's memory map, one mapping for the whole file: as long as any weight (the embedding)
+    lives, every page of it stays resident, and the pages that pruning wrote to cannot even be
+    dropped, so the dense decoder linears would stay in RSS after conversion to sparse layers.
+    Tied weights stay tied (the same Parameter is updated once)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu":
+            t.data = t.data.clone()
 
 
 def load_tokenizer(folder: Path) -> Optional[object]:

@@ -202,9 +202,11 @@ def _check_run(a) -> None:
 def prepare(a) -> Job:
     """Distributed set-up, the data, the resume check, the output folder (claimed for this run),
     the model and the SEFT config: everything that can be refused is, before the model loads."""
+    from ._memory import return_freed_memory
     from .data import load_data, train_batches
     from .models import load_model
 
+    return_freed_memory()  # freed activations go back to the system (glibc keeps them otherwise)
     rank, world, device = init_distributed(a.device)
     progress = not a.no_progress and rank == 0
     say = (lambda *m: print("seft:", *m, flush=True)) if progress else (lambda *m: None)
@@ -358,8 +360,10 @@ def evaluate(model, tok, sets, a) -> dict:
 
 
 def _evaluate(job: Job, stage: str) -> None:
-    """Evaluates the model and records the results as ``{key}_{stage}`` in the summary."""
-    res = evaluate(job.model, job.tok, job.evals, job.opts)
+    """Evaluates the model (no autograd graph: the dense model's weights still require gradients)
+    and records the results as ``{key}_{stage}`` in the summary."""
+    with torch.no_grad():
+        res = evaluate(job.model, job.tok, job.evals, job.opts)
     job.summary.update({f"{k}_{stage}": res.get(k) for k in EVAL_KEYS if k in res or k == "acc"})
 
 

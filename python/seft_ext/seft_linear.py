@@ -29,24 +29,29 @@ from .window import EvolutionWindow
 
 
 class _SEFTLinearFn(torch.autograd.Function):
+    # The values of theta + delta are not saved for backward (a copy of the layer's non-zeros
+    # for every layer, alive from forward to backward): backward sums them again from theta and
+    # the delta, which autograd's version counters keep unchanged in between.
     @staticmethod
     def forward(ctx, x, delta, bias, layer):
         values = layer.effective_values(delta).to(x.dtype)  # x.dtype: the layer's, or autocast's
         y = ops.csr_spmm(x, layer.crow, layer.col, values, bias)
         # The pattern is saved too: an evolution step between forward and backward bumps its
         # version and autograd then refuses the stale backward.
-        ctx.save_for_backward(x, values, layer.crow, layer.col, layer.delta_slots)
+        ctx.save_for_backward(x, delta, layer.theta, layer.crow, layer.col, layer.delta_slots)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, crow, col, slots = ctx.saved_tensors
+        x, delta, theta, crow, col, slots = ctx.saved_tensors
         layer = ctx.layer
         gx = gd = gb = None
         if ctx.needs_input_grad[0]:
+            values = _theta_plus_delta(theta, slots, delta).to(x.dtype)  # as in forward, bit for bit
             gx = ops.csr_spmm_t(dy, crow, col, values, x.shape[-1])
+            del values
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         gd = layer.feed_window(x2, dy2)  # while a window is open: one SDDMM for both
@@ -131,9 +136,7 @@ class SEFTLinear(CSRPatternMixin, nn.Module):
     # ------------------------------------------------------------------ the weight
     def effective_values(self, delta: Optional[Tensor] = None) -> Tensor:
         """Values of ``theta + delta`` over the pattern, in the layer's dtype."""
-        delta = self.delta.detach() if delta is None else delta.detach()
-        summed = torch.index_add(self.theta.to(delta.dtype), 0, self.delta_slots, delta)
-        return summed.to(self.theta.dtype)
+        return _theta_plus_delta(self.theta, self.delta_slots, self.delta if delta is None else delta)
 
     def merged(self) -> CSRWeight:
         """``theta + delta`` as a CSR weight with exactly the layer's budget of non-zeros."""
@@ -201,6 +204,12 @@ def frozen_bias(who: str, bias: Optional[Tensor], out_features: int, dtype: torc
     if bias.shape != (out_features,) or bias.dtype != dtype:
         raise ValueError(f"{who}: bias must be ({out_features},) {dtype}, got {tuple(bias.shape)} {bias.dtype}")
     return nn.Parameter(bias.clone(), requires_grad=False)
+
+
+def _theta_plus_delta(theta: Tensor, slots: Tensor, delta: Tensor) -> Tensor:
+    """theta with the delta added at its slots (summed in the delta's dtype), in theta's dtype."""
+    delta = delta.detach()
+    return torch.index_add(theta.to(delta.dtype), 0, slots, delta).to(theta.dtype)
 
 
 def _check_nm(base: CSRWeight, n: int, m: int) -> None:

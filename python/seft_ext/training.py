@@ -23,6 +23,9 @@ class TrainLoop:
         self.job, a = job, job.opts
         if job.resume is None:
             convert_to_seft(job.model, job.config, masks=job.masks, dense_compute=a.method == "masked-dense")
+            job.masks = None  # in the layers' patterns now (one bool per weight of every decoder linear)
+        if getattr(a, "gradient_checkpointing", False):
+            enable_checkpointing(job.model)
         params = [p for p in job.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
         self.ctl = SEFTController(job.model, self.opt, job.config, a.steps,
@@ -153,6 +156,19 @@ class TrainLoop:
             why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed to write it"
             raise JobError(f"could not write the checkpoint of step {step} ({why}){self._resume_hint()}") from error
         self.saved_step = step
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of the decoder layers (Hugging Face's, non-reentrant: the frozen
+    embeddings need not require gradients). The recomputed forward does not feed the evolution
+    window: only backward does (``SEFTLinear.feed_window``), once per layer and backward pass."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise JobError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _cut_log(path, step: int) -> None:

@@ -1,0 +1,77 @@
+"""PEFT LoRA on a pruned model stored dense: the baseline a user would run instead of SEFT.
+
+The rank matches SEFT's trainable budget over the same layers. A LoRA of rank r on a layer of
+shape (out, in) trains ``r * (in + out)`` values; SEFT trains ``k_l = config.trainable_for(out, in)``
+delta entries on layer l. Over the decoder linears L:
+
+    r = max(1, round(sum_l k_l / sum_l (in_l + out_l)))
+
+which is exactly ``config.lora_rank`` with SEFT's default budget (``k = lora_rank * (in + out)``)
+and the nearest rank for a ``--k`` / ``--density`` budget.
+
+``add_lora`` wraps every decoder linear (PEFT ``target_modules``: their names), ``merge_and_remask``
+folds the adapter into the weights and zeroes the pruned positions again (the sparsity a
+sparse deployment needs; the adapter's values there are lost).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .config import SEFTConfig
+
+
+def decoder_linear_names(model: nn.Module, exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Full names of the nn.Linear modules inside the decoder layers (those SEFT converts)."""
+    from .prune_llm import decoder_layers
+
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    exclude = tuple(exclude)
+    return [f"{prefix}.{n}" for n, m in layers.named_modules()
+            if isinstance(m, nn.Linear) and not any(e in n for e in exclude)]
+
+
+def lora_rank_for(model: nn.Module, config: SEFTConfig, names: Optional[list[str]] = None) -> int:
+    """The LoRA rank whose parameter count over ``names`` (default: the decoder linears) is
+    nearest to SEFT's trainable budget there (see the module doc)."""
+    names = decoder_linear_names(model) if names is None else names
+    if not names:
+        raise ValueError("lora_rank_for: the model has no decoder linears")
+    shapes = [model.get_submodule(n).weight.shape for n in names]
+    budget = sum(config.trainable_for(int(o), int(i)) for o, i in shapes)
+    per_rank = sum(int(o) + int(i) for o, i in shapes)
+    return max(1, round(budget / per_rank))
+
+
+def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
+             names: Optional[list[str]] = None):
+    """The PEFT model with a LoRA of ``rank`` on every decoder linear (``names``); only the
+    adapters train. ``alpha`` defaults to ``2 * rank`` (scale 2)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the LoRA baseline needs peft (pip install 'peft>=0.17')") from e
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"add_lora: rank must be a positive int, got {rank!r}")
+    names = decoder_linear_names(model) if names is None else names
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
+                     target_modules=names, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def merge_and_remask(peft_model, masks: dict[str, Tensor]) -> nn.Module:
+    """The base model with the adapter merged, then each masked layer's pruned positions set
+    to 0 again (``masks``: {decoder linear name: keep mask}, as ``prune_llm.prune_model`` returns)."""
+    model = peft_model.merge_and_unload()
+    for name, keep in masks.items():
+        w = model.get_submodule(name).weight
+        w.mul_(keep.to(device=w.device, dtype=w.dtype))
+    return model
