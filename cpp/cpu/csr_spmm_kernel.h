@@ -90,7 +90,6 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
   const Panels P = build_panels<I>("csr_spmm", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || out == 0) return y;
   if (in == 0) return bias && bias->defined() ? y.copy_(bias->unsqueeze(0).expand({T, out})) : y.zero_();
-  avec<A> xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const V* vl = values.data_ptr<V>();
@@ -100,19 +99,30 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
   const auto parts = balanced_rows(cr, out, num_parts(out));
   with_tb(TB, [&](auto tbc) {
     constexpr int TBc = decltype(tbc)::value;
-    for (int64_t t0 = 0; t0 < T; t0 += TBc) {
-      const int64_t nt = std::min<int64_t>(TBc, T - t0);
-      pack_t<A, V>(xp, in, t0, nt, TBc, xt.data());
-      at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) {
-          if constexpr (TBc < VecOf<A>::W) {
-            spmv_rows<A, V, I>(cr, cl, vl, xt.data(), bs, parts[k], parts[k + 1], yp + t0 * out);
-          } else {
-            spmm_rows<A, V, I, TBc>(P, cl, vl, xt.data(), bs, parts[k], parts[k + 1], nt, yp + t0 * out, out);
-          }
+    // Every token block packed first, then one parallel region: a region per token block waits
+    // for its slowest thread each time (costly when the cores are shared). Each output is still
+    // computed by one call, so the result does not depend on the split.
+    const int64_t nblocks = (T + TBc - 1) / TBc;
+    avec<A> xt(size_t(nblocks * in * TBc));
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bl = b0; bl < b1; ++bl)
+        pack_t<A, V>(xp, in, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, xt.data() + bl * in * TBc);
+    });
+    // Work items (token block, row part), token-block-major: a thread takes a run of them, so
+    // its token block stays in cache while it walks the rows.
+    const int64_t nparts = int64_t(parts.size()) - 1;
+    at::parallel_for(0, nblocks * nparts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t bl = item / nparts, k = item % nparts;
+        const int64_t t0 = bl * TBc, nt = std::min<int64_t>(TBc, T - t0);
+        const A* xb = xt.data() + bl * in * TBc;
+        if constexpr (TBc < VecOf<A>::W) {
+          spmv_rows<A, V, I>(cr, cl, vl, xb, bs, parts[k], parts[k + 1], yp + t0 * out);
+        } else {
+          spmm_rows<A, V, I, TBc>(P, cl, vl, xb, bs, parts[k], parts[k + 1], nt, yp + t0 * out, out);
         }
-      });
-    }
+      }
+    });
   });
   return y;
 }
