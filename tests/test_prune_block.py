@@ -8,6 +8,7 @@ import torch
 
 from seft_ext.bsr import BSRWeight
 from seft_ext.prune import keep_largest, magnitude_mask, parse_block_pattern, sparsegpt_prune, wanda_mask
+from tiny_llama import batches, linear_inputs, tiny_llama
 
 SHAPES = [((8, 8), (4, 4)), ((7, 12), (2, 4)), ((9, 10), (4, 3)), ((3, 5), (4, 8)), ((6, 11), (1, 1))]
 SPARSITIES = [0.0, 0.3, 0.5, 0.75]
@@ -266,32 +267,6 @@ def test_block_prune_rejects_bad_input(call, match):
         call(torch.randn(4, 8))
 
 
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
-
-
-def calibration(n=3):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
-
-
-def layer0_inputs(model, names, data):
-    """The inputs of layer 0's linears on the unpruned model (what prune_model sees there)."""
-    got = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())) for n in names]
-    with torch.no_grad():
-        for ids in data:
-            model(input_ids=ids, use_cache=False)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
-
-
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("budget, block", [("row", (4, 8)), ("layer", (3, 5))])
 def test_prune_model_blocks(method, budget, block):
@@ -301,9 +276,9 @@ def test_prune_model_blocks(method, budget, block):
     model = tiny_llama()
     original = {n: m.weight.detach().clone() for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
-    data = calibration()
+    data = batches()
     names0 = [n for n in original if n.startswith("model.layers.0.")]
-    xs = layer0_inputs(model, names0, data) if method != "magnitude" else {}
+    xs = linear_inputs(model, names0, data) if method != "magnitude" else {}
     masks = prune_model(model, method, 0.5, budget, calibration=data, progress=False, block=block)
     assert sorted(masks) == sorted(original)
     for name, mask in masks.items():

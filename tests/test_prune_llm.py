@@ -10,31 +10,7 @@ transformers = pytest.importorskip("transformers")
 from seft_ext import SEFTConfig, convert_to_seft, seft_layers  # noqa: E402
 from seft_ext.prune import sparsegpt_prune, wanda_mask  # noqa: E402
 from seft_ext.prune_llm import prune_model  # noqa: E402
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
-
-
-def batches(n=3):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 64, (2, 12), generator=g) for _ in range(n)]
-
-
-def linear_inputs(model, names, data):
-    """Inputs of the named linears over a whole-model forward, via hooks."""
-    got = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())) for n in names]
-    with torch.no_grad():
-        for ids in data:
-            model(input_ids=ids, use_cache=False)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
+from tiny_llama import batches, linear_inputs, tiny_llama  # noqa: E402
 
 
 LIN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
