@@ -395,19 +395,19 @@ def prune(job: Job) -> None:
 
 
 def _check_existing_blocks(masks: dict, pattern: str) -> None:
-    """--prune existing with block:RxC: the model's zeros must fill whole blocks."""
-    from .prune import block_scores
+    """--prune existing with block:RxC: the model's zeros must fill whole blocks (BSRWeight's check)."""
+    from .bsr import BSRWeight
 
     block = pattern_spec(pattern)[2]
     if block is None:
         return
     for name, mask in masks.items():
-        kept = block_scores(mask, block)  # kept weights per block: none, or all of the block's real ones
-        full = block_scores(torch.ones_like(mask), block)
-        if not bool(((kept == 0) | (kept == full)).all()):
+        try:
+            BSRWeight._block_mask_of(mask, *block)
+        except ValueError as e:
             raise UsageError(f"--prune existing --pattern {pattern}: the zeros of {name} are not constant on "
-                             f"{block[0]}x{block[1]} blocks; prune the model with --pattern {pattern} first (seft "
-                             "prune), or give --prune wanda | sparsegpt | magnitude")
+                             f"{block[0]}x{block[1]} blocks ({e}); prune the model with --pattern {pattern} first "
+                             "(seft prune), or give --prune wanda | sparsegpt | magnitude") from None
 
 
 def _existing_sparsity(job: Job) -> float:
