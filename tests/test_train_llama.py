@@ -6,14 +6,8 @@ transformers = pytest.importorskip("transformers")
 
 from seft_ext import SEFTConfig, SEFTController, convert_to_seft, seft_layers  # noqa: E402
 
-V = 64
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+from tiny_llama import V  # noqa: E402
+from tiny_llama import random_llama as tiny_llama  # noqa: E402
 
 
 def chains(perm, gen, batch=8, length=16):

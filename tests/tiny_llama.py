@@ -3,12 +3,21 @@ import pytest
 import torch
 
 
-def tiny_llama():
+V = 64  # the vocabulary
+
+
+def random_llama(seed=0):
+    """2 layers, hidden 32, fp32, in training mode."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_llama():
+    """random_llama(0) in fp64, in eval mode (the pruning references)."""
+    return random_llama(0).double().eval()
 
 
 def batches(n=3):
