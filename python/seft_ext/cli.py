@@ -32,7 +32,9 @@ DRIVER_OVERRIDES = {
     "method": dict(choices=list(DRIVER_METHODS),
                    help="seft, spiel or fixed (see SEFTConfig.method); masked-dense: the SEFT steps with dense "
                         "weights x mask and dense gradients (the paper's own way; a speed and memory reference); "
-                        "none: no fine-tuning"),
+                        "lora: PEFT LoRA on every decoder linear of the pruned model stored dense, its rank matching "
+                        "the SEFT budget (--lora-rank, or --k / --density), evaluated unmerged and merged then "
+                        "re-masked to the pruning mask (exported; no checkpoints); none: no fine-tuning"),
     "budget": dict(default=None, help="the unit whose non-zero count evolution keeps: layer, row or nm (N:M group); "
                                       "default: nm for 2:4 / 4:8, else layer"),
 }
@@ -211,10 +213,13 @@ def _print_summary(s: dict) -> None:
 
     other = f"ppl {s.get('other_data', 'other')}"
     print(f"\n{'':10}{'perplexity':>12}{other:>14}{'accuracy':>10}")
-    for stage in ("dense", "pruned", "final"):
-        print(f"{stage:10}{f(s.get('ppl_' + stage)):>12}{f(s.get('ppl_other_' + stage)):>14}"
+    stages = ("dense", "pruned", "final") + (("final_unmerged",) if "ppl_final_unmerged" in s else ())
+    for stage in stages:
+        print(f"{stage.replace('final_', ''):10}{f(s.get('ppl_' + stage)):>12}{f(s.get('ppl_other_' + stage)):>14}"
               f"{f(s.get('acc_' + stage), True):>10}")
-    print(f"method {s['method']}, prune {s['prune']} {s['pattern']}, sparsity {s['sparsity_final']:.3f} "
+    lora = (f" (LoRA rank {s['lora_rank']}; final: merged and re-masked to the pruning mask, unmerged: the adapter "
+            "beside the sparse base)") if "lora_rank" in s else ""
+    print(f"method {s['method']}{lora}, prune {s['prune']} {s['pattern']}, sparsity {s['sparsity_final']:.3f} "
           f"(target {s['sparsity_target']}), {s['steps']} steps in {s['train_seconds']} s, "
           f"{s['topology_changes']} grown entries, {s['total_seconds']} s in all", flush=True)
 
@@ -380,6 +385,8 @@ def _interrupted(a, argv: list, step) -> str:
     at = f" after step {step}" if step is not None else ""
     if a.command not in ("run", "train"):
         return f"seft: interrupted{at}"
+    if a.method == "lora":
+        return f"seft: interrupted{at}; --method lora writes no checkpoints, so the run cannot be resumed"
     newest = checkpoint.newest_step(Path(a.out))
     if newest is None:
         return f"seft: interrupted{at}; no checkpoint to resume from (--checkpoint-every N writes them)"

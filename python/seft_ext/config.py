@@ -9,8 +9,9 @@ from typing import Optional
 SCHEDULES = ("cosine", "linear", "constant")
 BUDGETS = ("layer", "row", "nm")
 METHODS = ("seft", "spiel", "fixed")
-# The driver's --method adds two: masked-dense (the SEFT steps with dense compute) and none.
-DRIVER_METHODS = METHODS + ("masked-dense", "none")
+# The driver's --method adds three: masked-dense (the SEFT steps with dense compute), lora (the
+# PEFT LoRA baseline of the same trainable budget) and none.
+DRIVER_METHODS = METHODS + ("masked-dense", "lora", "none")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _KIND_NAMES = {"int": "an int", "float": "a real number", "str": "a string", "bool": "a bool"}
 

@@ -11,7 +11,8 @@ and the nearest rank for a ``--k`` / ``--density`` budget.
 
 ``add_lora`` wraps every decoder linear (PEFT ``target_modules``: their names), ``merge_and_remask``
 folds the adapter into the weights and zeroes the pruned positions again (the sparsity a
-sparse deployment needs; the adapter's values there are lost).
+sparse deployment needs; the adapter's values there are lost). The driver's ``--method lora``
+uses ``merge_in_place`` and ``export_lora`` (the adapter saved, then the merged model exported).
 """
 from __future__ import annotations
 
@@ -70,8 +71,51 @@ def trainable_count(model: nn.Module) -> int:
 def merge_and_remask(peft_model, masks: dict[str, Tensor]) -> nn.Module:
     """The base model with the adapter merged, then each masked layer's pruned positions set
     to 0 again (``masks``: {decoder linear name: keep mask}, as ``prune_llm.prune_model`` returns)."""
-    model = peft_model.merge_and_unload()
+    merge_in_place(peft_model, masks)
+    return peft_model.unload()
+
+
+@torch.no_grad()
+def merge_in_place(peft_model, masks: dict[str, Tensor]) -> None:
+    """``merge_and_remask`` that keeps the adapter modules (merged: they compute with the base
+    weights alone), so the adapter can still be saved; ``peft_model.unload()`` then drops them."""
+    peft_model.merge_adapter()
+    model = peft_model.get_base_model()
     for name, keep in masks.items():
-        w = model.get_submodule(name).weight
+        w = model.get_submodule(name).weight  # a PEFT layer's is its base layer's
         w.mul_(keep.to(device=w.device, dtype=w.dtype))
-    return model
+
+
+def masked_sparsity(model: nn.Module, names: Iterable[str]) -> float:
+    """Fraction of zeros over the weights of the named linears (PEFT layers: their base weights)."""
+    ws = [model.get_submodule(n).weight for n in names]
+    total = sum(w.numel() for w in ws)
+    return 1.0 - sum(int((w != 0).sum()) for w in ws) / total if total else 0.0
+
+
+def sparsify_by_masks(model: nn.Module, masks: dict[str, Tensor], block: Optional[tuple] = None) -> None:
+    """Replace each masked nn.Linear by a SparseLinear keeping exactly its mask's positions (in
+    r x c blocks with ``block``); in place."""
+    from .layer import SparseLinear
+    from .modules import replace_module
+
+    for name, keep in masks.items():
+        lin = model.get_submodule(name)
+        replace_module(model, name, SparseLinear.from_dense(lin, keep.to(lin.weight.device), block=block))
+
+
+def export_lora(peft_model, masks: dict[str, Tensor], tokenizer, folder, block: Optional[tuple] = None) -> None:
+    """The outputs of a LoRA run whose adapter is merged and re-masked (``merge_in_place``):
+    ``folder/lora_adapter`` (the PEFT adapter, for the pruned base), ``folder/dense`` (the merged,
+    re-masked model) and ``folder/sparse.safetensors`` (its decoder linears, exactly the masks'
+    positions). The adapter modules leave the model."""
+    from pathlib import Path
+
+    from .hf import export_dense, export_sparse
+
+    folder = Path(folder)
+    peft_model.save_pretrained(folder / "lora_adapter")
+    model = peft_model.unload()
+    export_dense(model, tokenizer, folder / "dense")
+    sparsify_by_masks(model, masks, block)
+    export_sparse(model, folder / "sparse.safetensors")

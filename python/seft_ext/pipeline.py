@@ -77,7 +77,8 @@ class Job:
     resume: Optional[tuple] = None  # resuming: (info, tensor file), then (info, tensors, tensor file)
     run_id: str = ""  # the run's identity (run_folder.py), kept in its checkpoints and DIR/run.json
     fingerprint: dict = field(default_factory=dict)  # sha256 of the model weights and data files
-    masks: Optional[dict] = None
+    masks: Optional[dict] = None  # the pruning masks, until the layers hold them (--method lora: to the end)
+    peft: object = None  # --method lora: the PEFT model around ``model`` (whose linears carry the adapter)
     train_seconds: float = 0.0
 
     @property
@@ -190,12 +191,25 @@ def _check_run(a) -> None:
           f"--checkpoint-every must be an int >= 0, got {a.checkpoint_every}")
     _need(_is_int(a.calib_windows) and (a.calib_windows >= 1 or a.prune not in ("wanda", "sparsegpt")),
           f"--calib-windows must be >= 1 for --prune {a.prune}, got {a.calib_windows}")
+    _check_lora(a)
     if a.resume:
         _need(Path(a.resume, "checkpoints").is_dir(), f"--resume {a.resume}: no checkpoints folder there")
     try:
         seft_config(a)
     except (TypeError, ValueError) as e:  # named as the option it came from
         raise UsageError(re.sub(r"^SEFTConfig: (\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+
+
+def _check_lora(a) -> None:
+    """--method lora: peft is installed; no checkpoints, so no --checkpoint-every or --resume."""
+    if a.method != "lora":
+        return
+    _need(not a.checkpoint_every, "--checkpoint-every: --method lora writes no checkpoints (its adapter is saved "
+          "at the end, in DIR/lora_adapter); leave it out")
+    _need(not a.resume, f"--resume {a.resume}: --method lora writes no checkpoints, so it cannot resume a run")
+    import importlib.util
+
+    _need(importlib.util.find_spec("peft") is not None, "--method lora needs peft: pip install 'peft>=0.17'")
 
 
 # ---------------------------------------------------------------------- prepare
@@ -264,10 +278,10 @@ def _hash_files(paths) -> str:
 
 def seft_config(a) -> SEFTConfig:
     """The SEFTConfig the driver's options describe (the driver's methods none and
-    masked-dense are fixed and seft to the layers)."""
+    masked-dense are fixed and seft to the layers; lora takes only its budget, for the rank)."""
     _, nm, block = pattern_spec(a.pattern)
     fields = {k: getattr(a, k) for k in CONFIG_KEYS}
-    fields["method"] = {"none": "fixed", "masked-dense": "seft"}.get(a.method, a.method)
+    fields["method"] = {"none": "fixed", "masked-dense": "seft", "lora": "fixed"}.get(a.method, a.method)
     return SEFTConfig(**fields, nm_n=nm[0], nm_m=nm[1], block=block)
 
 
@@ -436,38 +450,62 @@ def train(job: Job) -> None:
 def finish(job: Job) -> None:
     """The final evaluation and the summary's closing fields."""
     from .convert import model_sparsity
+    from .lora import masked_sparsity
 
     pruned_only = not job.trains and "ppl_pruned" in job.summary  # nothing changed since
     if pruned_only:
         s = job.summary
         s.update({f"{k}_final": s[f"{k}_pruned"] for k in EVAL_KEYS if f"{k}_pruned" in s})
     else:
+        if job.peft is not None:
+            _merge_lora(job)
         _evaluate(job, "final")
     dev = job.device
-    job.summary.update(sparsity_final=model_sparsity(job.model),
+    sparsity = model_sparsity(job.model) if job.peft is None else masked_sparsity(job.model, job.masks)
+    job.summary.update(sparsity_final=sparsity,
                        train_seconds=round(job.train_seconds, 2), total_seconds=round(time.time() - job.t_start, 2),
                        peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss(),
                        device=str(dev), world_size=job.world)
 
 
+def _merge_lora(job: Job) -> None:
+    """--method lora: evaluate the adapter unmerged (``*_final_unmerged``), then merge it into
+    the weights and zero the pruned positions again; the final evaluation is of that model."""
+    from .lora import merge_in_place
+
+    job.say("evaluating the LoRA model unmerged")
+    _evaluate(job, "final_unmerged")
+    merge_in_place(job.peft, job.masks)
+
+
 def export(job: Job) -> None:
-    """DIR/sparse.safetensors, DIR/dense (a plain HF folder) and DIR/summary.json (rank 0),
-    written aside and moved in together (run_folder.install): a failure leaves DIR as it was."""
+    """DIR/sparse.safetensors, DIR/dense (a plain HF folder), with --method lora DIR/lora_adapter,
+    and DIR/summary.json (rank 0), written aside and moved in together (run_folder.install): a
+    failure leaves DIR as it was."""
     from . import run_folder
-    from .convert import seft_layers
-    from .hf import export_dense, export_sparse
 
     aside = run_folder.aside_folder(job.out, job.run_id)
     try:
         if not job.opts.no_export:
-            if seft_layers(job.model):
-                export_sparse(job.model, aside / "sparse.safetensors")
-            export_dense(job.model, job.tok, aside / "dense")
+            _export_model(job, aside)
         write_json(aside / "summary.json", job.summary)
     except BaseException:
         run_folder.discard(aside)
         raise
     run_folder.install(job.out, job.run_id, aside)
+
+
+def _export_model(job: Job, aside: Path) -> None:
+    from .convert import seft_layers
+    from .hf import export_dense, export_sparse
+    from .lora import export_lora
+
+    if job.peft is not None:
+        export_lora(job.peft, job.masks, job.tok, aside, block=pattern_spec(job.opts.pattern)[2])
+        return
+    if seft_layers(job.model):
+        export_sparse(job.model, aside / "sparse.safetensors")
+    export_dense(job.model, job.tok, aside / "dense")
 
 
 def write_json(path: Path, obj) -> None:

@@ -3,9 +3,9 @@
 ``DIR/run.json`` holds the run's identity (a random id, also written into each checkpoint) and
 the outputs it installed. A run starting where another run's results or checkpoints are is
 refused (``overwrite=True`` removes them first, and only them: nothing seft did not write is
-deleted). The outputs (``sparse.safetensors``, ``dense/`` or ``peft/``, ``summary.json``) are written into
-an aside folder and moved in together at the end, so a failed export leaves the folder as it
-was, and a finished one never mixes two runs' files.
+deleted). The outputs (``sparse.safetensors``, ``dense/`` or ``peft/``, ``lora_adapter/``,
+``summary.json``) are written into an aside folder and moved in together at the end, so a
+failed export leaves the folder as it was, and a finished one never mixes two runs' files.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 MARKER = "run.json"
-OUTPUTS = ("sparse.safetensors", "dense", "peft", "summary.json")  # moved in in this order: summary.json last
-FOLDERS = ("dense", "peft")  # output folders: every file in them must be one the run recorded
+# moved in in this order: summary.json last
+OUTPUTS = ("sparse.safetensors", "dense", "peft", "lora_adapter", "summary.json")
+FOLDERS = ("dense", "peft", "lora_adapter")  # output folders: every file in them must be one the run recorded
 FILES = ("summary.json", "log.jsonl", "sparse.safetensors", MARKER)  # the single files a run writes
 ASIDE_PREFIX = ".seft-"  # the aside and replaced folders: DIR/.seft-outputs-<id>, DIR/.seft-replaced-<id>
 
@@ -93,7 +94,7 @@ def previous_files(folder: Path, run_id: str) -> list[Path]:
 
 
 def _unknown_output_file(folder: Path, marker: Optional[dict]) -> Optional[str]:
-    """A file under DIR/dense or DIR/peft that the run owning the folder did not write, if any."""
+    """A file under an output folder (DIR/dense, ...) that the run owning the folder did not write, if any."""
     written = set(marker.get("outputs", [])) if marker else set()
     for name in FOLDERS:
         out = folder / name

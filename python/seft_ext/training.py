@@ -1,5 +1,5 @@
-"""The driver's training phase: convert, optimizer, controller, DDP, then the loop with
-logging, checkpoints and a progress bar (see ``pipeline.train``)."""
+"""The driver's training phase: convert (or, with --method lora, put the LoRA on), optimizer,
+controller, DDP, then the loop with logging, checkpoints and a progress bar (see ``pipeline.train``)."""
 from __future__ import annotations
 
 import json
@@ -21,15 +21,17 @@ class TrainLoop:
         from .evolve import SEFTController
 
         self.job, a = job, job.opts
-        if job.resume is None:
+        if a.method == "lora":
+            add_driver_lora(job)
+        elif job.resume is None:
             convert_to_seft(job.model, job.config, masks=job.masks, dense_compute=a.method == "masked-dense")
             job.masks = None  # in the layers' patterns now (one bool per weight of every decoder linear)
         if getattr(a, "gradient_checkpointing", False):
             enable_checkpointing(job.model)
         params = [p for p in job.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-        self.ctl = SEFTController(job.model, self.opt, job.config, a.steps,
-                                  process_group="auto" if job.world > 1 else None)
+        self.ctl = NoEvolution() if a.method == "lora" else \
+            SEFTController(job.model, self.opt, job.config, a.steps, process_group="auto" if job.world > 1 else None)
         self.net = self._wrap_ddp()
         self.start = 1
         if job.resume is not None:
@@ -156,6 +158,27 @@ class TrainLoop:
             why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 failed to write it"
             raise JobError(f"could not write the checkpoint of step {step} ({why}){self._resume_hint()}") from error
         self.saved_step = step
+
+
+def add_driver_lora(job) -> None:
+    """--method lora: a PEFT LoRA on every decoder linear of the pruned model (stored dense), its
+    rank matching SEFT's trainable budget (``lora.lora_rank_for``); ``job.model`` keeps the
+    adapter layers, ``job.peft`` is the PEFT model around it."""
+    from .lora import add_lora, lora_rank_for
+
+    rank = lora_rank_for(job.model, job.config)
+    job.peft = add_lora(job.model, rank)
+    job.summary["lora_rank"] = rank
+    job.say(f"LoRA of rank {rank} on every decoder linear")
+
+
+class NoEvolution:
+    """The controller of a method without evolution (lora): no topology, nothing to step."""
+
+    group = None  # the ranks agree over the default process group
+
+    def step(self):
+        return None
 
 
 def enable_checkpointing(model) -> None:
