@@ -103,6 +103,7 @@ def test_export_keeps_exactly_the_pruning_mask(runs, tmp_path):
                  "--no-stream"]) == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT on transformers 5
 def test_both_evaluations_equal_independent_computations(runs, tiny_model_dir):
     """Unmerged: PEFT's own model of the adapter on the pruned base. Re-masked: that adapter merged
     by PEFT and the pruned positions zeroed by hand, a plain dense model."""
@@ -190,3 +191,12 @@ def test_lora_under_torchrun_matches_one_process(tiny_model_dir, tmp_path):
     assert b["ppl_final"] == pytest.approx(a["ppl_final"], rel=1e-3)
     assert b["ppl_final_unmerged"] == pytest.approx(a["ppl_final_unmerged"], rel=1e-3)
     assert len((ddp / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_interrupt_message_says_lora_cannot_resume(tmp_path):
+    from seft_ext.cli import _interrupted
+    from seft_ext.pipeline import options
+
+    a = options("run", method="lora", out=str(tmp_path))
+    line = _interrupted(a, ["run", "--method", "lora"], 5)
+    assert line == "seft: interrupted after step 5; --method lora writes no checkpoints, so the run cannot be resumed"

@@ -16,6 +16,7 @@ uses ``merge_in_place`` and ``export_lora`` (the adapter saved, then the merged 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -60,7 +61,9 @@ def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None, dropout
     names = decoder_linear_names(model) if names is None else names
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
                      target_modules=names, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # PEFT reads a property transformers 5 deprecates
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def trainable_count(model: nn.Module) -> int:
