@@ -82,6 +82,9 @@ bool sddmm_slots(const int32_t* crow, int64_t out, const I* col, const int64_t* 
   return true;
 }
 
+// Tokens per chunk of packed token blocks (the packed dY and X of a chunk: 4 KiB per feature).
+constexpr int64_t kSddmmChunkTokens = 1024;
+
 template <typename A, typename V, typename I>
 at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                        const at::Tensor& slots) {
@@ -93,7 +96,6 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const int64_t TB = token_block(T);
   const Panels P = build_panels<I>("csr_sddmm", crow, col, in, all ? panel_width<A>(TB, in) : std::max<int64_t>(in, 1));
   if (T == 0 || n == 0) return g;
-  avec<A> dyt(size_t(out * TB)), xt(size_t(in * TB));
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const int64_t* sl = all ? nullptr : slots.data_ptr<int64_t>();
@@ -102,18 +104,37 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   std::atomic<bool> stale{false};
   with_tb(TB, [&](auto tbc) {
     constexpr int TBc = decltype(tbc)::value;
-    for (int64_t t0 = 0; t0 < T; t0 += TBc) {
-      const int64_t nt = std::min<int64_t>(TBc, T - t0);
-      pack_t<A, V>(dy.data_ptr<V>(), out, t0, nt, TBc, dyt.data());
-      pack_t<A, V>(x.data_ptr<V>(), in, t0, nt, TBc, xt.data());
+    // Token blocks in chunks: a chunk's blocks are packed in one parallel region and computed
+    // in one more (a region per token block waits for its slowest thread each time, costly
+    // when the cores are shared). Every output adds its token blocks in order, as before.
+    const int64_t nblocks = (T + TBc - 1) / TBc, chunk = std::max<int64_t>(1, kSddmmChunkTokens / TBc);
+    const V* dyp = dy.data_ptr<V>();
+    const V* xp = x.data_ptr<V>();
+    avec<A> dyt(size_t(std::min(nblocks, chunk) * out * TBc)), xt(size_t(std::min(nblocks, chunk) * in * TBc));
+    for (int64_t c0 = 0; c0 < nblocks; c0 += chunk) {
+      const int64_t nb = std::min(chunk, nblocks - c0);
+      at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t t0 = (c0 + b) * TBc, nt = std::min<int64_t>(TBc, T - t0);
+          pack_t<A, V>(dyp, out, t0, nt, TBc, dyt.data() + b * out * TBc);
+          pack_t<A, V>(xp, in, t0, nt, TBc, xt.data() + b * in * TBc);
+        }
+      });
       if (all) {
         at::parallel_for(0, int64_t(parts.size()) - 1, 1, [&](int64_t b, int64_t e) {
           for (int64_t k = b; k < e; ++k)
-            sddmm_rows<A, I, TBc>(P, cl, dyt.data(), xt.data(), parts[k], parts[k + 1], gp);
+            for (int64_t bl = 0; bl < nb; ++bl)
+              sddmm_rows<A, I, TBc>(P, cl, dyt.data() + bl * out * TBc, xt.data() + bl * in * TBc, parts[k],
+                                    parts[k + 1], gp);
         });
       } else {
         at::parallel_for(0, n, 2048, [&](int64_t s0, int64_t s1) {
-          if (!sddmm_slots<A, I, TBc>(cr, out, cl, sl, dyt.data(), xt.data(), s0, s1, gp)) stale = true;
+          for (int64_t bl = 0; bl < nb; ++bl)
+            if (!sddmm_slots<A, I, TBc>(cr, out, cl, sl, dyt.data() + bl * out * TBc, xt.data() + bl * in * TBc, s0,
+                                        s1, gp)) {
+              stale = true;
+              return;
+            }
         });
       }
     }

@@ -119,8 +119,10 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
     if constexpr (TBc >= VecOf<A>::W) {
       if (nblocks >= 2) {  // column-grouped: pack every token block once, then one pass per panel
         avec<A> dyt(size_t(nblocks * out * TBc));
-        for (int64_t bl = 0; bl < nblocks; ++bl)
-          pack_t<A, V>(dyp, out, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, dyt.data() + bl * out * TBc);
+        at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {  // one region, not one per block
+          for (int64_t bl = b0; bl < b1; ++bl)
+            pack_t<A, V>(dyp, out, bl * TBc, std::min<int64_t>(TBc, T - bl * TBc), TBc, dyt.data() + bl * out * TBc);
+        });
         at::parallel_for(0, P.n, 1, [&](int64_t b, int64_t e) {
           for (int64_t q = b; q < e; ++q)
             spmm_t_panel_bycol<A, V, I, TBc>(P, q, std::min(in, (q + 1) * P.cp) - q * P.cp, cl, vl, dyt.data(), out, T,
