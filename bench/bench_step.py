@@ -1,7 +1,7 @@
 """One training step of SmolLM2-135M: SEFT against masked-dense and PEFT LoRA, same pruned model.
 
     python bench/bench_step.py [--sparsity 0.5 0.7] [--reps 5] [--threads 2] [--gradient-checkpointing]
-                               [--memory] [--out FILE.md]
+                               [--blocks 4x4 8x8 16x16] [--bf16] [--memory] [--out FILE.md]
 
 The default model, magnitude-pruned per row (the step's cost does not depend on which pruning
 chose the mask), trained on 4 x 256 tokens of the shipped text with the driver's loss and AdamW:
@@ -9,7 +9,10 @@ chose the mask), trained on 4 x 256 tokens of the shipped text with the driver's
 - seft: the decoder linears as SEFTLinear (sparse kernels), the driver's controller and defaults;
 - masked-dense: the same layers and evolution with dense weights x mask and dense gradients;
 - lora: the pruned model stored dense, PEFT LoRA on every decoder linear with the rank matching
-  SEFT's trainable budget (``seft_ext.lora.lora_rank_for``).
+  SEFT's trainable budget (``seft_ext.lora.lora_rank_for``);
+- with ``--bf16``, ``seft bf16``: the same SEFT step with the model in bf16 (``--dtype bf16``);
+- with ``--blocks``, ``seft RxC``: SEFT on a model magnitude-pruned in whole R x C blocks to the
+  same sparsity (SEFTBlockLinear: BSR kernels, the delta and evolution on whole blocks).
 
 Time: the three in one process, their steps interleaved, ``--reps`` steps each after a warm-up
 step; min / median / max seconds and of the ratios of same-round steps. The controller's
@@ -45,16 +48,18 @@ def status(key: str) -> int:
     raise KeyError(key)
 
 
-def pruned_model(sparsity: float):
-    """(dense model with the pruned positions at 0, its keep masks, training batches)."""
+def pruned_model(sparsity: float, block=None, loaded=None):
+    """(dense model with the pruned positions at 0, its keep masks, training batches); with
+    ``block``, whole r x c blocks pruned. ``loaded``: an unpruned model to prune a copy of."""
     from seft_ext.data import load_text, token_windows
     from seft_ext.models import load_model
     from seft_ext.prune_llm import prune_model
 
-    model, tok = load_model("default", torch.float32, progress=False)
+    model, tok = load_model("default", torch.float32, progress=False) if loaded is None else loaded
+    model = copy.deepcopy(model) if loaded is not None else model
     for p in model.parameters():
         p.requires_grad_(False)
-    masks = prune_model(model, "magnitude", sparsity, "row")
+    masks = prune_model(model, "magnitude", sparsity, "row", block=block, progress=False)
     train, _ = load_text("default")
     windows = token_windows(tok, train, 256)
     gen = torch.Generator().manual_seed(0)
@@ -65,12 +70,12 @@ def pruned_model(sparsity: float):
 class Runner:
     """One method's model, loss, optimizer and controller; ``step(batch)`` is one training step."""
 
-    def __init__(self, method: str, model, masks: dict, sparsity: float, steps: int, ckpt: bool):
+    def __init__(self, method: str, model, masks: dict, sparsity: float, steps: int, ckpt: bool, block=None):
         from seft_ext import SEFTConfig, SEFTController
         from seft_ext.convert import convert_to_seft
         from seft_ext.loss import CausalLMLoss
 
-        config = SEFTConfig(sparsity=sparsity)
+        config = SEFTConfig(sparsity=sparsity, block=block)
         self.method, self.ctl = method, None
         if method == "lora":
             from seft_ext.lora import add_lora, lora_rank_for
@@ -106,17 +111,38 @@ class Runner:
         return time.perf_counter() - t0
 
 
-def time_methods(sparsity: float, reps: int, ckpt: bool) -> dict:
+def extra_runners(sparsity: float, base, masks: dict, blocks: list, bf16: bool, reps: int, ckpt: bool) -> dict:
+    """``seft bf16``: SEFT with the model in bf16 (the driver's --dtype bf16), the same masks;
+    ``seft RxC``: SEFT on a model magnitude-pruned in whole blocks (the same sparsity)."""
+    out = {}
+    if bf16:
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        out["seft bf16"] = Runner("seft", model, masks, sparsity, 10 * (reps + 1), ckpt)
+    if not blocks:
+        return out
+    from seft_ext.models import load_model
+
+    loaded = load_model("default", torch.float32, progress=False, need_tokenizer=True)
+    for b in blocks:
+        block = tuple(int(v) for v in b.split("x"))
+        model, masks, _ = pruned_model(sparsity, block, loaded)
+        out[f"seft {b}"] = Runner("seft", model, masks, sparsity, 10 * (reps + 1), ckpt, block=block)
+    return out
+
+
+def time_methods(sparsity: float, reps: int, ckpt: bool, blocks: list = (), bf16: bool = False) -> dict:
     base, masks, batches = pruned_model(sparsity)
     runners = {m: Runner(m, copy.deepcopy(base), masks, sparsity, 10 * (reps + 1), ckpt) for m in METHODS}
+    runners.update(extra_runners(sparsity, base, masks, blocks, bf16, reps, ckpt))
     del base
-    times = {m: [] for m in METHODS}
+    names = list(runners)
+    times = {m: [] for m in names}
     for r in range(reps + 1):
-        for m in METHODS:  # the same batch for every method in a round
+        for m in names:  # the same batch for every method in a round
             t = runners[m].step(batches[r % len(batches)])
             if r:  # round 0 is the warm-up
                 times[m].append(t)
-    return {"times": times, "trainable": {m: runners[m].trainable for m in METHODS},
+    return {"times": times, "trainable": {m: runners[m].trainable for m in names},
             "lora_rank": runners["lora"].rank}
 
 
@@ -151,7 +177,7 @@ def _mmm(xs) -> str:
 
 
 def report(res: dict, args) -> str:
-    lines = ["# Training step: SEFT vs masked-dense vs PEFT LoRA (SmolLM2-135M, 4 x 256 tokens, fp32)", "",
+    lines = ["# Training step: SEFT vs masked-dense vs PEFT LoRA (SmolLM2-135M, 4 x 256 tokens, fp32 unless named)", "",
              f"Command: `python bench/bench_step.py {' '.join(args.argv)}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; gradient checkpointing "
@@ -161,10 +187,10 @@ def report(res: dict, args) -> str:
     for s, r in res.items():
         t = r["times"]
         lines += [f"## {s:.0%} sparsity (LoRA rank {r['lora_rank']}; trainable: "
-                  + ", ".join(f"{m} {r['trainable'][m]:,}" for m in METHODS) + ")", "",
+                  + ", ".join(f"{m} {n:,}" for m, n in r["trainable"].items()) + ")", "",
                   "| | seconds per step (min / median / max) | seft / this (same-round ratio, min / median / max) |",
                   "|---|---|---|"]
-        for m in METHODS:
+        for m in t:
             ratio = [a / b for a, b in zip(t["seft"], t[m])]
             lines.append(f"| {m} | {_mmm(t[m])} | {'-' if m == 'seft' else _mmm(ratio)} |")
         if "memory" in r:
@@ -184,6 +210,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--blocks", nargs="*", default=[], metavar="RxC",
+                    help="also SEFT on models pruned in whole RxC blocks (e.g. 4x4 8x8 16x16), same sparsity")
+    ap.add_argument("--bf16", action="store_true", help="also SEFT with the model in bf16 (the driver's --dtype bf16)")
     ap.add_argument("--memory", action="store_true", help="also peak memory, each method in its own process")
     ap.add_argument("--no-time", action="store_true", help="memory only")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
@@ -197,8 +226,9 @@ def main() -> None:
     args.load0 = tuple(round(x, 2) for x in os.getloadavg())
     res = {}
     for s in args.sparsity:
-        res[s] = time_methods(s, args.reps, args.gradient_checkpointing) if not args.no_time else \
-            {"times": {m: [1.0] for m in METHODS}, "trainable": {m: 0 for m in METHODS}, "lora_rank": 0}
+        res[s] = time_methods(s, args.reps, args.gradient_checkpointing, args.blocks, args.bf16) \
+            if not args.no_time else {"times": {m: [1.0] for m in METHODS}, "trainable": {m: 0 for m in METHODS},
+                                      "lora_rank": 0}
         if args.memory:
             res[s]["memory"] = memory(s, args.gradient_checkpointing)
     text = report(res, args)

@@ -1,6 +1,7 @@
 """Where one training step of SmolLM2-135M goes: torch.profiler, grouped by part of the model.
 
-    python bench/profile_step.py [--sparsity 0.5 0.7] [--method seft] [--threads 2] [--out FILE.md]
+    python bench/profile_step.py [--sparsity 0.5 0.7] [--method seft] [--threads 2] [--dtype fp32]
+                                 [--out FILE.md]
 
 The default model (SmolLM2-135M-Instruct), magnitude-pruned per row (the step's cost does not
 depend on which pruning chose the mask), converted to SEFTLinear as the driver does, trained
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
@@ -160,7 +163,7 @@ def _status(key: str) -> int:
     return -1
 
 
-def build(sparsity: float, method: str, seed: int = 0):
+def build(sparsity: float, method: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     from seft_ext import SEFTConfig, SEFTController
     from seft_ext.convert import convert_to_seft
     from seft_ext.data import load_text, token_windows
@@ -168,7 +171,7 @@ def build(sparsity: float, method: str, seed: int = 0):
     from seft_ext.models import load_model
     from seft_ext.prune_llm import prune_model
 
-    model, tok = load_model("default", torch.float32, progress=False)
+    model, tok = load_model("default", dtype, progress=False)
     masks = prune_model(model, "magnitude", sparsity, "row")
     config = SEFTConfig(sparsity=sparsity, update_interval=2, grow_accumulation=1, seed=seed)
     convert_to_seft(model, config, masks=masks, dense_compute=method == "masked-dense")
@@ -196,10 +199,10 @@ def one_step(net, opt, ctl, batch, scopes=None):
     return loss, report
 
 
-def profile_sparsity(sparsity: float, method: str) -> dict:
+def profile_sparsity(sparsity: float, method: str, dtype: torch.dtype) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    model, net, opt, ctl, batches = build(sparsity, method)
+    model, net, opt, ctl, batches = build(sparsity, method, dtype)
     model.train()
     one_step(net, opt, ctl, batches[0])  # warm-up (step 1)
     res = {}
@@ -226,10 +229,10 @@ def profile_sparsity(sparsity: float, method: str) -> dict:
 def report(all_res: dict, args) -> str:
     lines = [f"# One training step of SmolLM2-135M: where it goes ({args.method})", "",
              f"Command: `python bench/profile_step.py --sparsity {' '.join(map(str, args.sparsity))} "
-             f"--method {args.method} --threads {args.threads}`", "",
+             f"--method {args.method} --threads {args.threads} --dtype {args.dtype}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 4 x 256 tokens; load average "
-             f"before / after: {args.load0} / {tuple(round(x, 2) for x in os.getloadavg())}; "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, 4 x 256 tokens; "
+             f"load average before / after: {args.load0} / {tuple(round(x, 2) for x in os.getloadavg())}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              ""]
     for s, res in all_res.items():
@@ -261,11 +264,12 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--method", choices=("seft", "masked-dense"), default="seft")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="the model's dtype (the driver's --dtype)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.load0 = tuple(round(x, 2) for x in os.getloadavg())
-    res = {s: profile_sparsity(s, args.method) for s in args.sparsity}
+    res = {s: profile_sparsity(s, args.method, DTYPES[args.dtype]) for s in args.sparsity}
     text = report(res, args)
     print(text)
     if args.out:
