@@ -39,6 +39,42 @@ def test_run_end_to_end(tiny_model_dir, tmp_path, prune, pattern, method):
     assert zeros == pytest.approx(0.5, abs=1e-3)  # (a kept weight is exactly 0 only by chance)
 
 
+@pytest.mark.parametrize("method", ["seft", "spiel"])
+def test_summary_sums_the_evolution_reports(tiny_model_dir, tmp_path, monkeypatch, method):
+    """summary.json's grown / re-activated / adapt-pruned counts are the controller's reports
+    summed over layers and steps; spiel grows on active positions only and never prunes."""
+    from seft_ext.evolve import SEFTController
+
+    reports, step = [], SEFTController.step
+
+    def recording_step(self):
+        report = step(self)
+        if report:
+            reports.append(report)
+        return report
+
+    monkeypatch.setattr(SEFTController, "step", recording_step)
+    d, data = tiny_model_dir
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(d), "--data", str(data), "--sparsity", "0.5", "--method", method,
+                 "--steps", "12", "--seq-len", "16", "--lr", "1e-2", "--update-interval", "4", "--lora-rank", "1",
+                 "--calib-windows", "8", "--eval-windows", "4", "--task-items", "0", "--no-export", "--out", str(out),
+                 "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert len(reports) >= 2
+
+    def total(count):
+        return sum(r.get(count, 0) for rep in reports for r in rep.values())
+
+    assert (s["topology_changes"], s["reactivated"], s["adapt_pruned"]) == (
+        total("grown"), total("reactivated"), total("pruned"))
+    assert s["topology_changes"] > 0
+    if method == "spiel":
+        assert s["reactivated"] == 0 and s["adapt_pruned"] == 0
+    else:
+        assert 0 < s["reactivated"] <= s["topology_changes"]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--data", "/nonexistent.txt"], "no such file"),
@@ -147,6 +183,13 @@ def test_prune_then_train_then_export(tiny_model_dir, tmp_path):
                  *opts]) == 0
     t = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert t["prune"] == "existing" and t["sparsity_final"] == pytest.approx(0.5)
+    assert t["ppl_dense"] == t["ppl_pruned"] == pytest.approx(s["ppl_pruned"], rel=1e-6)  # the model as given
+    # without the evaluation before training: the same training, no dense / pruned stages
+    assert main(["train", "--model", str(tmp_path / "p" / "dense"), "--out", str(tmp_path / "t2"), "--steps", "8",
+                 "--lr", "1e-2", "--update-interval", "4", "--lora-rank", "1", "--no-eval-before", *opts]) == 0
+    t2 = json.loads((tmp_path / "t2" / "summary.json").read_text())
+    assert "ppl_dense" not in t2 and "ppl_pruned" not in t2
+    assert t2["ppl_final"] == t["ppl_final"] and t2["topology_changes"] == t["topology_changes"]
     assert main(["export", "--run", str(tmp_path / "t"), "--out", str(tmp_path / "x"), "--no-progress"]) == 0
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "dense")
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "dense")

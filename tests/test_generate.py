@@ -93,6 +93,44 @@ def test_generate_logits_match_the_reference(tiny_model_dir, run_dir):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [None, (2, 4)])
+def test_sparsify_model_keeps_the_masks_or_the_non_zeros(tiny_model_dir, block):
+    """sparsify_model with explicit masks (CSR or BSR) and without (each layer's non-zeros):
+    every replaced layer's weight equals the dense weight times its mask, outputs match the
+    masked dense model in fp64, and lm_head stays dense."""
+    from seft_ext.bsr import BSRWeight
+    from seft_ext.generate import sparsify_model
+
+    d, _ = tiny_model_dir
+    model = transformers.AutoModelForCausalLM.from_pretrained(d).double().eval()
+    g = torch.Generator().manual_seed(0)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    masks = {}
+    for n in names:
+        w = model.get_submodule(n).weight
+        coarse = torch.rand(w.shape[0] // 2, w.shape[1] // 4, generator=g) < 0.5
+        masks[n] = coarse.repeat_interleave(2, 0).repeat_interleave(4, 1)  # constant on 2x4 blocks
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d).double().eval()
+    with torch.no_grad():
+        for n in names:
+            ref.get_submodule(n).weight.mul_(masks[n])
+    got = sparsify_model(model, masks, block=block)
+    assert sorted(got) == sorted(names) and isinstance(model.lm_head, torch.nn.Linear)
+    for n in names:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, SparseLinear)
+        assert isinstance(layer.weight, BSRWeight) == (block is not None)
+        assert torch.equal(layer.weight.to_dense(), ref.get_submodule(n).weight)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
+    # without masks: each layer's own non-zeros
+    again = sparsify_model(ref)
+    assert sorted(again) == sorted(names)
+    for n in names:
+        assert torch.equal(ref.get_submodule(n).weight.to_dense(), model.get_submodule(n).weight.to_dense())
+
+
 def test_generate_bf16(run_dir):
     model, tok = load_sparse_model(run_dir, torch.bfloat16)
     assert all(m.values.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, SparseLinear))

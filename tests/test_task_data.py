@@ -67,6 +67,36 @@ def test_wordnet_examples_are_what_the_evaluation_scores():
         assert ex.where == f"wordnet_mc_train.jsonl:{i + 1}"
 
 
+def test_multiple_choice_scores_equal_unpadded_full_logits_fp64():
+    """Option scores (an item's options right-padded in one batch) against each option run alone
+    through the model with full fp64 logits; the accuracy against the first best option of those
+    scores."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    tok = CharTokenizer()
+    items = D.load_wordnet("heldout")[:7]
+    items[2] = dict(items[2], options=items[2]["options"][:3], answer=min(items[2]["answer"], 2))  # 3 options
+    ref, right = [], 0
+    for it in items:
+        prompt = tok(D.mc_prompt(it))["input_ids"]
+        scores = []
+        for opt in it["options"]:
+            cont = tok(opt + '"')["input_ids"]
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont)))
+        ref += scores
+        right += int(scores.index(max(scores)) == it["answer"])
+    got = torch.cat([D._option_scores(model, tok, it) for it in items])
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=1e-9)
+    acc = D.multiple_choice_accuracy(model, tok, items)
+    assert acc == pytest.approx(right / len(items))
+    flipped = [dict(it, answer=(it["answer"] + 1) % len(it["options"])) for it in items]
+    assert D.multiple_choice_accuracy(model, tok, flipped) != acc or acc == 0
+
+
 def test_answer_only_labels_cover_exactly_the_completion_tokens(wordnet_model_dir):
     d, vocab = wordnet_model_dir
     tok = transformers.AutoTokenizer.from_pretrained(d)
@@ -192,7 +222,8 @@ def test_resume_with_wordnet_is_exact(wordnet_model_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (straight, resumed))
-    for k in ("ppl_final", "ppl_other_final", "val_loss_final", "acc_val_final", "topology_changes"):
+    for k in ("ppl_final", "ppl_other_final", "val_loss_final", "acc_val_final", "topology_changes", "reactivated",
+              "adapt_pruned"):
         assert s1[k] == s2[k], k
     losses = [[json.loads(ln)["loss"] for ln in (p / "log.jsonl").read_text().splitlines()]
               for p in (straight, resumed)]

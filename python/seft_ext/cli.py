@@ -101,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
                      help="take the last N training items (task data) or windows (text) out of training as a "
                           "validation part, scored at every evaluation (val_loss; WordNet: acc_val too), for "
                           "choosing a learning rate")
+    run.add_argument("--no-eval-before", action="store_true",
+                     help="skip evaluating the model before training (the summary's dense and pruned stages), "
+                          "for many runs from one pruned model")
     sft = run.add_argument_group("SEFT (the fields of seft_ext.SEFTConfig)")
     for f in config_fields():
         if f.name != "seed":

@@ -397,29 +397,28 @@ def mc_prompt(item: dict) -> str:
 @torch.no_grad()
 def multiple_choice_accuracy(model, tokenizer, items: list[dict], limit: Optional[int] = None) -> float:
     """Fraction of items whose answer gets the highest summed log-likelihood of
-    ``option + '"'`` after the prompt (the options of an item in one padded batch)."""
+    ``option + '"'`` after the prompt (first option on ties)."""
     model.eval()
-    dev = next(model.parameters()).device
     items = items[:limit] if limit else items
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    correct = 0
-    for it in items:
-        prompt = tokenizer(mc_prompt(it), add_special_tokens=False)["input_ids"]
-        conts = [tokenizer(opt + '"', add_special_tokens=False)["input_ids"] for opt in it["options"]]
-        width = len(prompt) + max(len(c) for c in conts)
-        ids = torch.full((len(conts), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, c in enumerate(conts):
-            ids[i, :len(prompt) + len(c)] = torch.tensor(prompt + c)
-            att[i, :len(prompt) + len(c)] = 1
-        # the vocabulary projection only where an option token is predicted
-        hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=att.to(dev),
-                                     use_cache=False).last_hidden_state
-        head = model.get_output_embeddings()
-        scores = []
-        for i, c in enumerate(conts):
-            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=dev)
-            logp = head(hidden[i, pos]).float().log_softmax(-1)
-            scores.append(logp[torch.arange(len(c), device=dev), torch.tensor(c, device=dev)].sum().item())
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == it["answer"])
+    correct = sum(int(int(_option_scores(model, tokenizer, it).argmax()) == it["answer"]) for it in items)
     return correct / max(1, len(items))
+
+
+def _option_scores(model, tokenizer, item: dict) -> Tensor:
+    """The summed log-likelihood of each option of ``item`` after its prompt (the options in one
+    right-padded batch: causal attention keeps the padding out of every scored position)."""
+    dev = next(model.parameters()).device
+    prompt = tokenizer(mc_prompt(item), add_special_tokens=False)["input_ids"]
+    seqs = [prompt + tokenizer(opt + '"', add_special_tokens=False)["input_ids"] for opt in item["options"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(t) for t in seqs)
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t in seqs], device=dev)
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    rows = torch.tensor([i for i, t in enumerate(seqs) for _ in range(len(prompt), len(t))], device=dev)
+    pos = torch.tensor([j for t in seqs for j in range(len(prompt) - 1, len(t) - 1)], device=dev)
+    targets = torch.tensor([tok for t in seqs for tok in t[len(prompt):]], device=dev)
+    # the vocabulary projection only where an option token is predicted
+    logits = model.get_output_embeddings()(hidden[rows, pos])
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    token_lp = logp[torch.arange(len(rows), device=dev), targets]
+    return torch.zeros(len(seqs), dtype=logp.dtype, device=dev).index_add_(0, rows, token_lp).cpu()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .layer import SparseLinear
 from .modules import replace_module
@@ -65,14 +65,18 @@ def load_sparse_model(run_dir, dtype: Optional[torch.dtype] = None, progress: bo
     return _for_inference(model), tok
 
 
-def sparsify_model(model: nn.Module, exclude=("lm_head",)) -> list[str]:
-    """Replace every nn.Linear (but ``exclude``) by a SparseLinear holding its non-zeros; in
-    place. Returns the names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(e in n for e in exclude)]
-    for n in names:
+def sparsify_model(model: nn.Module, masks: Optional[dict[str, Tensor]] = None, exclude=("lm_head",),
+                   block: Optional[tuple[int, int]] = None) -> list[str]:
+    """Replace nn.Linear layers by SparseLinear layers, in place: each layer named in ``masks``
+    keeps exactly its mask's positions; without ``masks`` every nn.Linear (but ``exclude``)
+    keeps its non-zeros. ``block``: r x c blocks (BSR) instead of CSR. Returns the names."""
+    if masks is None:
+        masks = {n: m.weight.detach() != 0 for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and not any(e in n for e in exclude)}
+    for n, keep in masks.items():
         lin = model.get_submodule(n)
-        replace_module(model, n, SparseLinear.from_dense(lin, lin.weight.detach() != 0))
-    return names
+        replace_module(model, n, SparseLinear.from_dense(lin, keep.to(lin.weight.device), block=block))
+    return list(masks)
 
 
 def _for_inference(model: nn.Module) -> nn.Module:

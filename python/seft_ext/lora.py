@@ -96,17 +96,6 @@ def masked_sparsity(model: nn.Module, names: Iterable[str]) -> float:
     return 1.0 - sum(int((w != 0).sum()) for w in ws) / total if total else 0.0
 
 
-def sparsify_by_masks(model: nn.Module, masks: dict[str, Tensor], block: Optional[tuple] = None) -> None:
-    """Replace each masked nn.Linear by a SparseLinear keeping exactly its mask's positions (in
-    r x c blocks with ``block``); in place."""
-    from .layer import SparseLinear
-    from .modules import replace_module
-
-    for name, keep in masks.items():
-        lin = model.get_submodule(name)
-        replace_module(model, name, SparseLinear.from_dense(lin, keep.to(lin.weight.device), block=block))
-
-
 def export_lora(peft_model, masks: dict[str, Tensor], tokenizer, folder, block: Optional[tuple] = None) -> None:
     """The outputs of a LoRA run whose adapter is merged and re-masked (``merge_in_place``):
     ``folder/lora_adapter`` (the PEFT adapter, for the pruned base), ``folder/dense`` (the merged,
@@ -114,11 +103,12 @@ def export_lora(peft_model, masks: dict[str, Tensor], tokenizer, folder, block: 
     positions). The adapter modules leave the model."""
     from pathlib import Path
 
+    from .generate import sparsify_model
     from .hf import export_dense, export_sparse
 
     folder = Path(folder)
     peft_model.save_pretrained(folder / "lora_adapter")
     model = peft_model.unload()
     export_dense(model, tokenizer, folder / "dense")
-    sparsify_by_masks(model, masks, block)
+    sparsify_model(model, masks, block=block)
     export_sparse(model, folder / "sparse.safetensors")

@@ -391,21 +391,30 @@ def prune(job: Job) -> None:
                    "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                    "val_items": a.val_items, "other_data": job.evals.other_name,
                    "threads": torch.get_num_threads()}
-    if a.prune == "existing":
+    # drawn for every --prune: the data order after it does not depend on the pruning method
+    calib = job.train_windows[torch.randperm(job.train_windows.shape[0], generator=job.data_rng)[:a.calib_windows]]
+    evaluate_now = not a.no_eval_before
+    if a.prune == "existing":  # the model as given is the pruned one: evaluated once, for both stages
         job.masks = existing_masks(job.model)
         _check_existing_blocks(job.masks, a.pattern)
         job.summary["sparsity_target"] = _existing_sparsity(job)
-    job.say("evaluating the dense model")
-    _evaluate(job, "dense")
-    calib = job.train_windows[torch.randperm(job.train_windows.shape[0], generator=job.data_rng)[:a.calib_windows]]
-    if a.prune != "existing":
+        if evaluate_now:
+            job.say("evaluating the pruned model")
+            _evaluate(job, "pruned")
+            job.summary.update({k.replace("_pruned", "_dense"): v for k, v in list(job.summary.items())
+                                if k.endswith("_pruned")})
+    else:
+        if evaluate_now:
+            job.say("evaluating the dense model")
+            _evaluate(job, "dense")
         job.say(f"pruning with {a.prune} to {a.sparsity:.0%} ({a.pattern})")
         batches = [calib[i:i + a.batch_size].to(job.device) for i in range(0, calib.shape[0], a.batch_size)]
         budget, nm, block = pattern_spec(a.pattern)
         job.masks = prune_model(job.model, a.prune, a.sparsity, budget, nm, calibration=batches,
                                 progress=job.progress, block=block)
-    _evaluate(job, "pruned")
-    job.summary.update(topology_changes=0, train_seconds=0.0)
+        if evaluate_now:
+            _evaluate(job, "pruned")
+    job.summary.update(topology_changes=0, reactivated=0, adapt_pruned=0, train_seconds=0.0)
 
 
 def _check_existing_blocks(masks: dict, pattern: str) -> None:

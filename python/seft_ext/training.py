@@ -95,7 +95,7 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         report = self.ctl.step()
         if report:
-            job.summary["topology_changes"] += sum(r.get("grown", 0) for r in report.values())
+            _count_evolution(job.summary, report)
         return loss
 
     def _agree(self, ok: bool) -> bool:
@@ -240,3 +240,14 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled)
+
+
+# summary field <- the evolution report's count it sums over layers and steps
+EVOLUTION_COUNTS = {"topology_changes": "grown", "reactivated": "reactivated", "adapt_pruned": "pruned"}
+
+
+def _count_evolution(summary: dict, report: dict) -> None:
+    """Adds an evolution step's counts over layers to the summary (grown entries, re-activated
+    positions of pruned base weights, base weights pruned by adapt)."""
+    for key, count in EVOLUTION_COUNTS.items():
+        summary[key] = summary.get(key, 0) + sum(r.get(count, 0) for r in report.values())
