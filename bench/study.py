@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -138,9 +137,9 @@ class Study:
                 return {}
             subprocess.run(cmd, check=True)
             kept.mkdir(parents=True, exist_ok=True)
-            for f in ("summary.json", "log.jsonl"):
+            for f in ("summary.json", "log.jsonl"):  # with --out's path left out
                 if (out / f).is_file():
-                    shutil.copyfile(out / f, kept / f)
+                    (kept / f).write_text((out / f).read_text().replace(str(self.out), "OUT"))
         r = json.loads((kept / "summary.json").read_text())
         log = kept / "log.jsonl"
         r["curve"] = [json.loads(ln) for ln in log.read_text().splitlines()] if log.is_file() else []
