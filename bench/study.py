@@ -7,8 +7,9 @@
 Per sparsity the model is pruned once (`seft prune`, Wanda, calibration seed 0); every method
 then trains that pruned model with `seft train` (seeds vary the data order, the initial delta
 positions and the scan's sketch). Each method's learning rate is chosen on the validation part
-(`--val-items`: WordNet training items, or training windows of the text) by the first seed's
-final validation loss; the other seeds run at that rate. masked-dense (the same algorithm as
+(`--val-items`: WordNet training items, or training windows of the text) on the first seed:
+the best validation accuracy (task), then the lowest validation loss; the other seeds run at
+that rate. masked-dense (the same algorithm as
 seft with dense compute) runs once, at seft's rate. LoRA is reported twice: merged then
 re-masked to the pruning mask (sparse, what is exported) and unmerged (a dense adapter beside
 the sparse base). Each run's summary.json and log.jsonl are kept in --keep (committed), and a
@@ -79,7 +80,7 @@ def main() -> int:
 
 class Study:
     def __init__(self, args, grid: dict):
-        self.a, self.grid, self.out, self.keep = args, grid, Path(args.out), Path(args.keep)
+        self.a, self.grid, self.out, self.keep = args, grid, Path(args.out).resolve(), Path(args.keep)
 
     def common(self) -> list[str]:
         a = self.a
@@ -89,24 +90,31 @@ class Study:
     def sparsity(self, s: str) -> list[dict]:
         """The pruned model, the sweep on the first seed, then the other seeds at the chosen rates."""
         tag = s.replace(":", "of") if ":" in s else f"s{round(float(s) * 100)}"
-        self.prune_args = ["prune", *(["--pattern", s] if ":" in s else ["--sparsity", s]), "--seed", "0"]
+        self.pattern = ["--pattern", s] if ":" in s else []
+        self.prune_args = ["prune", *(self.pattern or ["--sparsity", s]), "--seed", "0"]
         self.pruned_name = f"{self.a.setting}_{tag}_pruned"
         before = self.run(self.prune_args, self.pruned_name)
-        before = {k: v for k, v in before.items() if k.endswith(("_dense", "_pruned"))}
+        before = {f"{k}_{stage}": before.get(f"{k}_{stage}") for k, _, _ in COLUMNS for stage in ("dense", "pruned")}
         rows, chosen = [], {}
         first, rest = self.a.seeds[0], self.a.seeds[1:]
         for m in self.a.methods:
             sweep = [self.train(tag, m, lr, first) for lr in self.grid[m]]
             done = [r for r in sweep if r]
             if done:
-                best = min(done, key=lambda r: r.get("val_loss_final", float("inf")))
+                best = min(done, key=self.selection_key)
                 chosen[m] = best["lr"]
                 rows += [dict(r, chosen=r is best) for r in done]
         for m in self.a.once:
-            rows.append(dict(self.train(tag, m, chosen.get("seft", self.grid[m][0]), first), chosen=True))
+            if "seft" in chosen or "seft" not in self.a.methods:
+                rows.append(dict(self.train(tag, m, chosen.get("seft", self.grid[m][0]), first), chosen=True))
         for seed in rest:
             rows += [dict(self.train(tag, m, chosen[m], seed), chosen=True) for m in self.a.methods if m in chosen]
         return [dict(r, **before) for r in rows if "method" in r]
+
+    def selection_key(self, r: dict) -> tuple:
+        """The learning rate's choice: the best validation accuracy (task), then validation loss."""
+        acc = r.get("acc_val_final") if self.a.setting == "task" else None
+        return (-(acc or 0.0), r.get("val_loss_final") or float("inf"))
 
     def train(self, tag: str, method: str, lr: float, seed: int) -> dict:
         name = f"{self.a.setting}_{tag}_{method}_lr{lr:g}_seed{seed}"
@@ -114,19 +122,21 @@ class Study:
             self.ensure_pruned()
         args = ["train", "--model", str(self.out / self.pruned_name / "dense"), "--method", method, "--lr", f"{lr:g}",
                 "--steps", str(self.a.steps), "--seed", str(seed), "--log-every", "5", "--no-eval-before",
-                "--no-export"]
+                "--no-export", *self.pattern]
         return self.run(args, name)
 
     def ensure_pruned(self) -> None:
         """The pruned model's folder, made again when only its kept summary is here."""
         folder = self.out / self.pruned_name
-        if not (folder / "dense" / "config.json").is_file():
+        if not (folder / "dense" / "config.json").is_file() and not self.a.dry_run:
             self.run(self.prune_args + ["--overwrite"], self.pruned_name, force=True)
 
     def run(self, args: list[str], name: str, force: bool = False) -> dict:
         """A `seft` command in --out/NAME; its summary.json and log.jsonl are kept in --keep/NAME,
         where a later study finds them instead of running it again."""
         kept = self.keep / name
+        if (kept / "failed.txt").is_file() and not force:
+            return {}
         if force or not (kept / "summary.json").is_file():
             if self.a.report_only:
                 return {}
@@ -135,11 +145,13 @@ class Study:
             print(" ".join(cmd), flush=True)
             if self.a.dry_run:
                 return {}
-            subprocess.run(cmd, check=True)
             kept.mkdir(parents=True, exist_ok=True)
+            if subprocess.run(cmd).returncode != 0:  # e.g. a learning rate that diverges: kept as failed
+                (kept / "failed.txt").write_text(" ".join(cmd[1:]).replace(str(self.out), "OUT") + "\n")
+                return {}
             for f in ("summary.json", "log.jsonl"):  # with --out's path left out
                 if (out / f).is_file():
-                    (kept / f).write_text((out / f).read_text().replace(str(self.out), "OUT"))
+                    (kept / f).write_text((out / f).read_text().replace(f'"{self.out}/', '"OUT/'))
         r = json.loads((kept / "summary.json").read_text())
         log = kept / "log.jsonl"
         r["curve"] = [json.loads(ln) for ln in log.read_text().splitlines()] if log.is_file() else []
@@ -161,7 +173,7 @@ def _variants(r: dict) -> list[tuple[str, str]]:
 def _fmt(v, pct=False) -> str:
     if v is None:
         return "-"
-    return f"{v:.1%}" if pct else f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
+    return f"{v:.1%}" if pct else f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
 
 
 def _mean_std(vals: list, pct=False) -> str:
@@ -171,7 +183,9 @@ def _mean_std(vals: list, pct=False) -> str:
     if len(vals) == 1:
         return _fmt(vals[0], pct)
     mu, sd = statistics.mean(vals), statistics.stdev(vals)
-    return f"{mu:.1%} +- {sd:.1%}" if pct else f"{mu:.2f} +- {sd:.2f}"
+    if pct:
+        return f"{mu:.1%} +- {sd:.1%}"
+    return f"{mu:.0f} +- {sd:.0f}" if abs(mu) >= 1000 else f"{mu:.2f} +- {sd:.2f}"
 
 
 COLUMNS = [("ppl", "held-out ppl", False), ("ppl_other", "other-domain ppl", False), ("acc", "WordNet acc", True),
@@ -240,14 +254,19 @@ def plot(rows: list[dict], path: Path, setting: str) -> None:
         first = min(r["seed"] for r in at)
         for r in at:
             if r["seed"] == first and r["curve"]:
-                ax_loss.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]], label=r["method"])
-        ax_loss.set_title(f"{s}: training loss (seed {first}, chosen lr)", fontsize=9)
+                losses = [c["loss"] for c in r["curve"]]
+                smooth = [statistics.mean(losses[max(0, i - 4):i + 1]) for i in range(len(losses))]
+                ax_loss.plot([c["step"] for c in r["curve"]], smooth, label=r["method"])
+        ax_loss.set_title(f"{s}: training loss, mean of the last 5 logged steps (seed {first}, chosen lr)",
+                          fontsize=9)
         ax_loss.set_xlabel("step")
         ax_loss.legend(fontsize=8)
-        bars = [("dense", [at[0][f"{key}_dense"]]), ("pruned", [at[0][f"{key}_pruned"]])]
+        bars = [("dense", [at[0].get(f"{key}_dense")]), ("pruned", [at[0].get(f"{key}_pruned")])]
         for m in dict.fromkeys(r["method"] for r in at):
             runs = [r for r in at if r["method"] == m]
-            bars += [(label, [r[f"{key}_{stage}"] for r in runs]) for label, stage in _variants(runs[0])]
+            bars += [(label, [r.get(f"{key}_{stage}") for r in runs]) for label, stage in _variants(runs[0])]
+        bars = [(label, [v for v in vals if v is not None]) for label, vals in bars]
+        bars = [(label, vals) for label, vals in bars if vals]
         means = [statistics.mean(v) for _, v in bars]
         sds = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in bars]
         ax_bar.bar(range(len(bars)), means, yerr=sds, capsize=3)

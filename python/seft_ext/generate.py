@@ -70,13 +70,13 @@ def sparsify_model(model: nn.Module, masks: Optional[dict[str, Tensor]] = None, 
     """Replace nn.Linear layers by SparseLinear layers, in place: each layer named in ``masks``
     keeps exactly its mask's positions; without ``masks`` every nn.Linear (but ``exclude``)
     keeps its non-zeros. ``block``: r x c blocks (BSR) instead of CSR. Returns the names."""
-    if masks is None:
-        masks = {n: m.weight.detach() != 0 for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not any(e in n for e in exclude)}
-    for n, keep in masks.items():
+    names = list(masks) if masks is not None else [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(e in n for e in exclude)]
+    for n in names:
         lin = model.get_submodule(n)
-        replace_module(model, n, SparseLinear.from_dense(lin, keep.to(lin.weight.device), block=block))
-    return list(masks)
+        keep = lin.weight.detach() != 0 if masks is None else masks[n].to(lin.weight.device)  # one layer's at a time
+        replace_module(model, n, SparseLinear.from_dense(lin, keep, block=block))
+    return names
 
 
 def _for_inference(model: nn.Module) -> nn.Module:

@@ -316,6 +316,8 @@ def _restore_model(job: Job) -> None:
 
     info, tensor_file = job.resume
     job.summary = info["meta"]["summary"]
+    for key in ("reactivated", "adapt_pruned"):  # not counted by checkpoints of earlier versions: unknown
+        job.summary.setdefault(key, None)
     job.say(f"resuming from step {info['step']} of {job.opts.resume}")
     job.resume = (info, checkpoint.restore(info, tensor_file, job.model), tensor_file)
     job.model.to(job.device)

@@ -250,4 +250,5 @@ def _count_evolution(summary: dict, report: dict) -> None:
     """Adds an evolution step's counts over layers to the summary (grown entries, re-activated
     positions of pruned base weights, base weights pruned by adapt)."""
     for key, count in EVOLUTION_COUNTS.items():
-        summary[key] = summary.get(key, 0) + sum(r.get(count, 0) for r in report.values())
+        if summary.get(key, 0) is not None:  # None: resumed from a checkpoint that did not count it
+            summary[key] = summary.get(key, 0) + sum(r.get(count, 0) for r in report.values())
