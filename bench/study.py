@@ -173,6 +173,8 @@ def _variants(r: dict) -> list[tuple[str, str]]:
 def _fmt(v, pct=False) -> str:
     if v is None:
         return "-"
+    if isinstance(v, int):
+        return str(v)
     return f"{v:.1%}" if pct else f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
 
 
@@ -195,8 +197,9 @@ COLUMNS = [("ppl", "held-out ppl", False), ("ppl_other", "other-domain ppl", Fal
 def report(args, rows: list[dict]) -> list[str]:
     r0 = rows[0]
     lines = [f"# Study: {args.setting} setting ({datetime.date.today().isoformat()})", "",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-             f"- command: `python {' '.join(sys.argv)}`",
+             f"- machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"- command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`"
+             + (" (this report: with --report-only, from the kept runs)" if args.report_only else ""),
              f"- SmolLM2-135M-Instruct pruned by Wanda (calibration seed 0), then `seft train` per method: "
              f"--data {r0['data']}, {args.steps} steps of {r0['batch_size']} x {r0['seq_len']} tokens "
              f"(task items: up to), validation part {VAL[args.setting]} "
@@ -238,6 +241,14 @@ def report(args, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def plot(rows: list[dict], path: Path, setting: str) -> None:
     try:
         import matplotlib
@@ -270,7 +281,7 @@ def plot(rows: list[dict], path: Path, setting: str) -> None:
         means = [statistics.mean(v) for _, v in bars]
         sds = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in bars]
         ax_bar.bar(range(len(bars)), means, yerr=sds, capsize=3)
-        ax_bar.set_xticks(range(len(bars)), [b[0].replace(" (", "\n(") for b in bars], fontsize=7)
+        ax_bar.set_xticks(range(len(bars)), [b[0].replace(" (merged, ", "\n(").replace(" (", "\n(") for b in bars], fontsize=7)
         ax_bar.set_title(f"{s}: {ylabel}, mean +- std over seeds", fontsize=9)
         if key == "ppl":
             ax_bar.set_yscale("log")
