@@ -281,7 +281,8 @@ def plot(rows: list[dict], path: Path, setting: str) -> None:
         means = [statistics.mean(v) for _, v in bars]
         sds = [statistics.stdev(v) if len(v) > 1 else 0 for _, v in bars]
         ax_bar.bar(range(len(bars)), means, yerr=sds, capsize=3)
-        ax_bar.set_xticks(range(len(bars)), [b[0].replace(" (merged, ", "\n(").replace(" (", "\n(") for b in bars], fontsize=7)
+        labels = [b[0].replace(" (merged, ", "\n(").replace(" (", "\n(") for b in bars]
+        ax_bar.set_xticks(range(len(bars)), labels, fontsize=7)
         ax_bar.set_title(f"{s}: {ylabel}, mean +- std over seeds", fontsize=9)
         if key == "ppl":
             ax_bar.set_yscale("log")
