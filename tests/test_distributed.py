@@ -1,5 +1,6 @@
 """Two gloo processes under DDP keep the same topology over several evolution steps, and
 stay close to one process on the same global batch."""
+import gc
 import json
 import os
 
@@ -76,6 +77,8 @@ def worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         res = train(rank, world, {"process_group": "auto"})
+        gc.collect()  # DDP's reducer (kept by reference cycles) goes before its process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -689,8 +689,12 @@ def ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import gc
+
     try:
         res = ddp_train(rank, world, {"process_group": "auto"})
+        gc.collect()  # DDP's reducer (kept by reference cycles) goes before its process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
