@@ -316,7 +316,9 @@ def _restore_model(job: Job) -> None:
 
     info, tensor_file = job.resume
     job.summary = info["meta"]["summary"]
-    for key in ("reactivated", "adapt_pruned"):  # not counted by checkpoints of earlier versions: unknown
+    from .training import EVOLUTION_COUNTS
+
+    for key in EVOLUTION_COUNTS:  # a count the checkpoint's version did not keep is unknown
         job.summary.setdefault(key, None)
     job.say(f"resuming from step {info['step']} of {job.opts.resume}")
     job.resume = (info, checkpoint.restore(info, tensor_file, job.model), tensor_file)
@@ -416,7 +418,9 @@ def prune(job: Job) -> None:
                                 progress=job.progress, block=block)
         if evaluate_now:
             _evaluate(job, "pruned")
-    job.summary.update(topology_changes=0, reactivated=0, adapt_pruned=0, train_seconds=0.0)
+    from .training import EVOLUTION_COUNTS
+
+    job.summary.update(dict.fromkeys(EVOLUTION_COUNTS, 0), train_seconds=0.0)
 
 
 def _check_existing_blocks(masks: dict, pattern: str) -> None:
