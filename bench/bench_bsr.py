@@ -10,6 +10,7 @@ bsr_spmm_t + bsr_sddmm (every block) against F.linear + dY W + dY^T X.
     python bench/bench_bsr.py                  # threads: torch's default
     python bench/bench_bsr.py --threads 2 --repeats 10
     python bench/bench_bsr.py --blocks 8x8 --tokens 512 --no-backward
+    python bench/bench_bsr.py --isa avx2        # another CPU kernel set (default: the best one)
 """
 from __future__ import annotations
 
@@ -86,7 +87,9 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 512,16")
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, e.g. 1536x576")
     ap.add_argument("--no-backward", action="store_true", help="time the forward only")
+    ap.add_argument("--isa", default="auto", help="CPU kernel set (seft_ext.ops.cpu_isa): auto, avx512, avx2, base")
     args = ap.parse_args()
+    ops.cpu_isa(args.isa)
     blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]

@@ -223,7 +223,9 @@ def main() -> int:
     p.add_argument("--big-max-repeats", type=int, default=3, help="repeat cap for shapes above 4096x4096")
     p.add_argument("--slow-call-s", type=float, default=5.0, help="time a call slower than this only once")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--isa", default="auto", help="CPU kernel set (seft_ext.ops.cpu_isa): auto, avx512, avx2, base")
     args = p.parse_args()
+    ops.cpu_isa(args.isa)
     if args.threads:
         torch.set_num_threads(args.threads)
     today = datetime.date.today().isoformat()

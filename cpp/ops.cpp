@@ -65,7 +65,7 @@ TORCH_LIBRARY(seft, m) {
   // Raises ValueError unless the pattern is N:M: every group of m consecutive inputs of every row
   // holds exactly n non-zeros (cpp/common/nm_check.cpp; CUDA patterns are checked on host copies).
   m.def("csr_check_nm(Tensor crow, Tensor col, int in_features, int n, int m) -> ()");
-  // Which CPU kernel set runs ("avx2" or "base"); pass "avx2", "base" or "auto" to choose.
+  // Which CPU kernel set runs ("avx512", "avx2" or "base"); pass one of them or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
   // Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens), or forced
   // "tensor_core" / "cuda_core"; "" reads the setting.

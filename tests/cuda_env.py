@@ -2,7 +2,8 @@
 
 Every device present: the CPU always, CUDA when a device is visible and the library was built
 with CUDA kernels. Within a device, every kernel set: on the CPU each instruction set built in
-(``ops.cpu_isa``: base, avx2), on CUDA each kernel path (``ops.cuda_path``: auto, and forced
+(``ops.cpu_isa``: base, avx2, avx512; a set this CPU cannot run is skipped), on CUDA each
+kernel path (``ops.cuda_path``: auto, and forced
 tensor_core / cuda_core).
 
 ``SEFT_TEST_DEVICES`` (e.g. ``cuda``, or ``cpu,cuda``) restricts the device-parametrised tests
@@ -18,7 +19,8 @@ import torch
 
 import seft_ext
 
-CPU_ISAS = ["base"] + (["avx2"] if seft_ext.build_info and "avx2" in seft_ext.build_info.CPU_ISAS.split(",") else [])
+_BUILT = seft_ext.build_info.CPU_ISAS.split(",") if seft_ext.build_info else []
+CPU_ISAS = ["base"] + [isa for isa in ("avx2", "avx512") if isa in _BUILT]
 CUDA_PATHS = ["auto", "tensor_core", "cuda_core"]
 
 

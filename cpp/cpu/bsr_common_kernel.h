@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/kernel_common.h"
@@ -43,17 +44,10 @@ void bsr_pack(const V* src, int64_t T, int64_t n, int64_t np, int64_t TB, A* dst
   const int64_t nb = (T + TB - 1) / TB, nj = (np + JC - 1) / JC;
   at::parallel_for(0, nb * nj, bsr_grain(nb * nj, nb * np * TB), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / nj, j0 = (u % nj) * JC, j1 = std::min(np, j0 + JC), je = std::min(n, j1);
+      const int64_t b = u / nj, j0 = (u % nj) * JC, j1 = std::min(np, j0 + JC), je = std::max(j0, std::min(n, j1));
       A* d = dst + b * np * TB;
-      for (int64_t i = 0; i < TB; ++i) {
-        const int64_t t = b * TB + i;
-        int64_t j = j0;
-        if (t < T) {
-          const V* s = src + t * n;
-          for (; j < je; ++j) d[j * TB + i] = static_cast<A>(s[j]);
-        }
-        for (; j < j1; ++j) d[j * TB + i] = A(0);
-      }
+      pack_cols(src, n, b * TB, std::min(TB, T - b * TB), TB, j0, je, d);
+      std::fill(d + je * TB, d + j1 * TB, A(0));
     }
   });
 }
@@ -98,8 +92,9 @@ __attribute__((always_inline)) inline void for_chunks(int64_t n, F&& f) {
 }
 
 template <typename A> using vec_t = typename VecOf<A>::type;
-inline v8f splat(float s) { return v8f{s, s, s, s, s, s, s, s}; }
-inline v4d splat(double s) { return v4d{s, s, s, s}; }
+template <typename A, size_t... L>
+inline vec_t<A> splat_lanes(A s, std::index_sequence<L...>) { return vec_t<A>{((void)L, s)...}; }
+template <typename A> inline vec_t<A> splat(A s) { return splat_lanes(s, std::make_index_sequence<VecOf<A>::W>{}); }
 
 // The blocked product's operands (see the top of this file).
 template <typename A, typename V>

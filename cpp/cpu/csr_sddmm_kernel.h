@@ -93,7 +93,7 @@ at::Tensor sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const int64_t n = all ? col.numel() : slots.numel();
   const auto acc_dtype = std::is_same<A, double>::value ? at::kDouble : at::kFloat;
   at::Tensor g = at::zeros({n}, dy.options().dtype(acc_dtype));
-  const int64_t TB = token_block(T);
+  const int64_t TB = token_block<A>(T);
   const Panels P = build_panels<I>("csr_sddmm", crow, col, in, all ? panel_width<A>(TB, in) : std::max<int64_t>(in, 1));
   if (T == 0 || n == 0) return g;
   const int32_t* cr = crow.data_ptr<int32_t>();

@@ -17,6 +17,7 @@ void spmm_rows(const Panels& P, const I* col, const V* val, const A* xt, const V
   constexpr int NV = TB / W;
   constexpr int N = NV >= 8 ? 1 : 8 / NV;
   Vec part[kRowGroup][NV];  // partial sums of the group's rows between panels
+  A stage[TB][kRowGroup];   // the group's outputs, token-major: y is written a row of tokens at a time
   for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup) {
     const int64_t g1 = std::min(r1, g0 + kRowGroup);
     for (int64_t q = 0; q < P.n; ++q) {
@@ -59,9 +60,13 @@ void spmm_rows(const Panels& P, const I* col, const V* val, const A* xt, const V
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) *reinterpret_cast<Vec*>(res + v * W) = acc[0][v];
         const A b = bias ? static_cast<A>(bias[o]) : A(0);
-        for (int64_t i = 0; i < nt; ++i) y[i * ldy + o] = static_cast<V>(res[i] + b);
+        for (int64_t i = 0; i < nt; ++i) stage[i][o - g0] = res[i] + b;
       }
     }
+    // Token-major writes: a token's outputs of the group are contiguous in y (writes down a
+    // column, at a stride of `out` values, fall into a few cache sets for some `out`, e.g. 1536).
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t o = g0; o < g1; ++o) y[i * ldy + o] = static_cast<V>(stage[i][o - g0]);
   }
 }
 
@@ -86,7 +91,7 @@ at::Tensor spmm_typed(const at::Tensor& x, const at::Tensor& crow, const at::Ten
                       const std::optional<at::Tensor>& bias) {
   const int64_t T = x.size(0), in = x.size(1), out = crow.numel() - 1;
   at::Tensor y = at::empty({T, out}, x.options());
-  const int64_t TB = token_block(T);
+  const int64_t TB = token_block<A>(T);
   const Panels P = build_panels<I>("csr_spmm", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || out == 0) return y;
   if (in == 0) return bias && bias->defined() ? y.copy_(bias->unsqueeze(0).expand({T, out})) : y.zero_();

@@ -105,7 +105,7 @@ at::Tensor spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const at::
                         int64_t in) {
   const int64_t T = dy.size(0), out = dy.size(1);
   at::Tensor dx = at::empty({T, in}, dy.options());
-  const int64_t TB = token_block(T);
+  const int64_t TB = token_block<A>(T);
   const Panels P = build_panels<I>("csr_spmm_t", crow, col, in, panel_width<A>(TB, in));
   if (T == 0 || in == 0) return dx;
   if (out == 0 || col.numel() == 0) return dx.zero_();

@@ -21,7 +21,20 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(SEFT_HAVE_AVX512) && (defined(__x86_64__) || defined(_M_X64))
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 const IsaKernels* best_isa() {
+#if defined(SEFT_HAVE_AVX512)
+  if (cpu_has_avx512()) return &avx512::kernels;
+#endif
 #if defined(SEFT_HAVE_AVX2)
   if (cpu_has_avx2()) return &avx2::kernels;
 #endif
@@ -51,10 +64,15 @@ std::string cpu_isa(std::string choose) {
 #if defined(SEFT_HAVE_AVX2)
     isa_slot().store(&avx2::kernels);
 #endif
+  } else if (choose == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "cpu_isa: this build or this CPU has no AVX-512 (F, VL, BW, DQ) + FMA + F16C kernels");
+#if defined(SEFT_HAVE_AVX512)
+    isa_slot().store(&avx512::kernels);
+#endif
   } else if (choose == "auto") {
     isa_slot().store(best_isa());
   } else {
-    TORCH_CHECK(choose.empty(), "cpu_isa: expected '', 'auto', 'base' or 'avx2', got '", choose, "'");
+    TORCH_CHECK(choose.empty(), "cpu_isa: expected '', 'auto', 'base', 'avx2' or 'avx512', got '", choose, "'");
   }
   return active_isa().name;
 }

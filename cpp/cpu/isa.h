@@ -1,4 +1,5 @@
-// CPU kernels are compiled once per instruction set (isa_base.cpp, isa_avx2.cpp) and the
+// CPU kernels are compiled once per instruction set (isa_base.cpp, isa_avx2.cpp,
+// isa_avx512.cpp) and the
 // op wrappers (csr_*_cpu.cpp) call the one in use (isa.cpp: active_isa, the cpu_isa op).
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,7 @@ struct IsaKernels {
 
 namespace base { extern const IsaKernels kernels; }
 namespace avx2 { extern const IsaKernels kernels; }
+namespace avx512 { extern const IsaKernels kernels; }
 
 const IsaKernels& active_isa();
 std::string cpu_isa(std::string choose);

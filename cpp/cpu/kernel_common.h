@@ -31,11 +31,28 @@ namespace {
 template <typename V> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// 32-byte vectors (one AVX register; two SSE registers on the base ISA). GCC vector types
-// keep the per-token accumulators in registers, where plain arrays would spill to the stack.
+// Vectors of SEFT_VEC_BYTES (32: one AVX register, two SSE registers on the base ISA; 64:
+// one AVX-512 register). GCC vector types keep the per-token accumulators in registers, where
+// plain arrays would spill to the stack.
+#ifndef SEFT_VEC_BYTES
+#define SEFT_VEC_BYTES 32
+#endif
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef double v4d __attribute__((vector_size(32), aligned(8)));
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
 template <typename A> struct VecOf;
+#if SEFT_VEC_BYTES == 64
+template <> struct VecOf<float> {
+  using type = v16f;
+  static constexpr int W = 16;
+};
+template <> struct VecOf<double> {
+  using type = v8d;
+  static constexpr int W = 8;
+};
+#else
 template <> struct VecOf<float> {
   using type = v8f;
   static constexpr int W = 8;
@@ -44,10 +61,11 @@ template <> struct VecOf<double> {
   using type = v4d;
   static constexpr int W = 4;
 };
+#endif
 
-// Lane sums in one fixed order, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), whether one vector is
-// reduced (hsum) or four at once (hsum4, lane k = hsum(tk)): results match bit for bit.
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
+// Lane sums in one fixed order, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)) (64-byte vectors first
+// add their upper half to their lower half), whether one vector is reduced (hsum) or four at
+// once (add_hsum4, lane k = hsum(tk)): results match bit for bit.
 inline float hsum(v8f v) {
   v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
   v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
@@ -57,6 +75,13 @@ inline double hsum(v4d v) {
   v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2);
   return v[0] + v[2];
 }
+inline v8f fold(v16f v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline v4d fold(v8d v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+inline float hsum(v16f v) { return hsum(fold(v)); }
+inline double hsum(v8d v) { return hsum(fold(v)); }
 inline void add_hsum4(float* g, v8f t0, v8f t1, v8f t2, v8f t3) {
   const v8f h01 = __builtin_shufflevector(t0, t1, 0, 8, 2, 10, 4, 12, 6, 14) +
                   __builtin_shufflevector(t0, t1, 1, 9, 3, 11, 5, 13, 7, 15);  // t0_01 t1_01 t0_23 t1_23 ..
@@ -76,6 +101,12 @@ inline void add_hsum4(double* g, v4d t0, v4d t1, v4d t2, v4d t3) {
   const v4d r = __builtin_shufflevector(h01, h23, 0, 1, 4, 5) + __builtin_shufflevector(h01, h23, 2, 3, 6, 7);
   for (int k = 0; k < 4; ++k) g[k] += r[k];
 }
+inline void add_hsum4(float* g, v16f t0, v16f t1, v16f t2, v16f t3) {
+  add_hsum4(g, fold(t0), fold(t1), fold(t2), fold(t3));
+}
+inline void add_hsum4(double* g, v8d t0, v8d t1, v8d t2, v8d t3) {
+  add_hsum4(g, fold(t0), fold(t1), fold(t2), fold(t3));
+}
 
 // Packed buffers are 64-byte aligned, so every TB-token row inside them is vector aligned.
 template <typename T>
@@ -92,10 +123,12 @@ template <typename T> using avec = std::vector<T, AlignedAlloc<T>>;
 
 constexpr int64_t kMaxTB = 64;
 
-// Token-block width for T tokens: the smallest of 1, 8, 16, 32, 64 that covers T (capped).
+// Token-block width for T tokens: the smallest of 1, 8, 16, 32, 64 that covers T (capped),
+// and at least one vector of A when T > 1.
+template <typename A>
 inline int64_t token_block(int64_t T) {
   if (T <= 1) return 1;
-  if (T <= 8) return 8;
+  if (T <= 8 && VecOf<A>::W <= 8) return 8;
   if (T <= 16) return 16;
   if (T <= 32) return 32;
   return kMaxTB;
@@ -112,19 +145,27 @@ void with_tb(int64_t tb, F&& f) {
   }
 }
 
+// dst[j * TB + i] = src[(t0 + i) * n + j] for j in [j0, j1), i < nt; 0 for nt <= i < TB. In
+// strips of 16 tokens: each destination line is written whole at once and the strip's 16 source
+// rows stay in L1 (a token-major walk writes at a stride of TB values, which for a large TB maps
+// every line to a few cache sets).
+template <typename A, typename V>
+inline void pack_cols(const V* src, int64_t n, int64_t t0, int64_t nt, int64_t TB, int64_t j0, int64_t j1, A* dst) {
+  for (int64_t i0 = 0; i0 < TB; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(TB, i0 + 16), iv = std::min(std::max(nt, i0), i1);
+    for (int64_t j = j0; j < j1; ++j) {
+      A* d = dst + j * TB;
+      const V* s = src + t0 * n + j;
+      for (int64_t i = i0; i < iv; ++i) d[i] = static_cast<A>(s[i * n]);
+      for (int64_t i = iv; i < i1; ++i) d[i] = A(0);
+    }
+  }
+}
+
 // dst[j * TB + i] = src[(t0 + i) * n + j] for i < nt, 0 for nt <= i < TB.
 template <typename A, typename V>
 void pack_t(const V* src, int64_t n, int64_t t0, int64_t nt, int64_t TB, A* dst) {
-  at::parallel_for(0, n, 512, [&](int64_t j0, int64_t j1) {
-    for (int64_t i = 0; i < TB; ++i) {
-      if (i < nt) {
-        const V* s = src + (t0 + i) * n;
-        for (int64_t j = j0; j < j1; ++j) dst[j * TB + i] = static_cast<A>(s[j]);
-      } else {
-        for (int64_t j = j0; j < j1; ++j) dst[j * TB + i] = A(0);
-      }
-    }
-  });
+  at::parallel_for(0, n, 512, [&](int64_t j0, int64_t j1) { pack_cols(src, n, t0, nt, TB, j0, j1, dst); });
 }
 
 // Row ranges of roughly equal non-zero counts (plus a per-row cost), so threads balance.

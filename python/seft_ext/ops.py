@@ -39,7 +39,8 @@ def csr_sddmm(grad_out: Tensor, x: Tensor, crow: Tensor, col: Tensor, slots: Opt
 
 
 def cpu_isa(choose: str = "") -> str:
-    """The CPU kernel set in use ("avx2" or "base"); pass "base", "avx2" or "auto" to switch."""
+    """The CPU kernel set in use ("avx512", "avx2" or "base"); pass one of them, or "auto" (the
+    best this CPU runs), to switch."""
     _lib.require_library()
     return torch.ops.seft.cpu_isa(choose)
 
