@@ -42,26 +42,23 @@ typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef double v4d __attribute__((vector_size(32), aligned(8)));
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef double v8d __attribute__((vector_size(64), aligned(8)));
-template <typename A> struct VecOf;
 #if SEFT_VEC_BYTES == 64
-template <> struct VecOf<float> {
-  using type = v16f;
-  static constexpr int W = 16;
-};
-template <> struct VecOf<double> {
-  using type = v8d;
-  static constexpr int W = 8;
-};
+typedef v16f vec_float;
+typedef v8d vec_double;
 #else
+typedef v8f vec_float;
+typedef v4d vec_double;
+#endif
+template <typename A> struct VecOf;
 template <> struct VecOf<float> {
-  using type = v8f;
-  static constexpr int W = 8;
+  using type = vec_float;
+  static constexpr int W = SEFT_VEC_BYTES / 4;
 };
 template <> struct VecOf<double> {
-  using type = v4d;
-  static constexpr int W = 4;
+  using type = vec_double;
+  static constexpr int W = SEFT_VEC_BYTES / 8;
 };
-#endif
+static_assert(alignof(vec_float) == 4 && alignof(vec_double) == 8, "vectors may be unaligned");
 
 // Lane sums in one fixed order, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)) (64-byte vectors first
 // add their upper half to their lower half), whether one vector is reduced (hsum) or four at
