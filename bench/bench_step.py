@@ -14,12 +14,14 @@ chose the mask), trained on 4 x 256 tokens of the shipped text with the driver's
 - with ``--blocks``, ``seft RxC``: SEFT on a model magnitude-pruned in whole R x C blocks to the
   same sparsity (SEFTBlockLinear: BSR kernels, the delta and evolution on whole blocks).
 
-Time: the three in one process, their steps interleaved, ``--reps`` steps each after a warm-up
-step; min / median / max seconds and of the ratios of same-round steps. The controller's
-evolution steps are included at their share (update interval 10, window 5: one scan pass and
-one decision every 10 steps; --reps 10 covers one interval). Memory (``--memory``): each method
-in a process of its own (``--one METHOD``): the RSS once the model is ready to train
-(loaded, pruned, converted), then the peak RSS (VmHWM) over warm-up + 3 steps above it.
+Every method runs with the driver's allocator settings (``seft_ext._memory``: glibc's mmap
+threshold fixed, the caching CPU allocator on). Time: the three in one process, their steps
+interleaved, ``--reps`` steps each after a warm-up step; min / median / max seconds and of the
+ratios of same-round steps. The controller's evolution steps are included at their share
+(update interval 10, window 5: one scan pass and one decision every 10 steps; --reps 10 covers
+one interval). Memory (``--memory``): each method in a process of its own (``--one METHOD``):
+the RSS once the model is ready to train (loaded, pruned, converted; the cache emptied), then
+the peak RSS (VmHWM) over warm-up + 3 steps above it.
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 METHODS = ("seft", "masked-dense", "lora")
 
@@ -150,10 +151,13 @@ def one_method(method: str, sparsity: float, steps: int, ckpt: bool) -> dict:
     """Peak RSS above the ready-to-train model for one method (run in a process of its own)."""
     import gc
 
+    from seft_ext._memory import new_phase
+
     base, masks, batches = pruned_model(sparsity)
     runner = Runner(method, base, masks, sparsity, 100, ckpt)
     del base, masks
     gc.collect()
+    new_phase()  # as the driver does before training
     ready = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     for i in range(steps + 1):
@@ -176,6 +180,18 @@ def _mmm(xs) -> str:
     return f"{min(xs):.3f} / {statistics.median(xs):.3f} / {max(xs):.3f}"
 
 
+def _time_table(s: float, r: dict) -> list[str]:
+    t = r["times"]
+    lines = [f"## {s:.0%} sparsity (LoRA rank {r['lora_rank']}; trainable: "
+             + ", ".join(f"{m} {n:,}" for m, n in r["trainable"].items()) + ")", "",
+             "| | seconds per step (min / median / max) | seft / this (same-round ratio, min / median / max) |",
+             "|---|---|---|"]
+    for m in t:
+        ratio = [a / b for a, b in zip(t["seft"], t[m])]
+        lines.append(f"| {m} | {_mmm(t[m])} | {'-' if m == 'seft' else _mmm(ratio)} |")
+    return lines
+
+
 def report(res: dict, args) -> str:
     lines = ["# Training step: SEFT vs masked-dense vs PEFT LoRA (SmolLM2-135M, 4 x 256 tokens, fp32 unless named)", "",
              f"Command: `python bench/bench_step.py {' '.join(args.argv)}`", "",
@@ -185,14 +201,7 @@ def report(res: dict, args) -> str:
              f"load average before / after {args.load0} / {tuple(round(x, 2) for x in os.getloadavg())}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     for s, r in res.items():
-        t = r["times"]
-        lines += [f"## {s:.0%} sparsity (LoRA rank {r['lora_rank']}; trainable: "
-                  + ", ".join(f"{m} {n:,}" for m, n in r["trainable"].items()) + ")", "",
-                  "| | seconds per step (min / median / max) | seft / this (same-round ratio, min / median / max) |",
-                  "|---|---|---|"]
-        for m in t:
-            ratio = [a / b for a, b in zip(t["seft"], t[m])]
-            lines.append(f"| {m} | {_mmm(t[m])} | {'-' if m == 'seft' else _mmm(ratio)} |")
+        lines += _time_table(s, r) if "times" in r else [f"## {s:.0%} sparsity"]
         if "memory" in r:
             mem = r["memory"]
             lines += ["", "| | RSS ready to train MiB | peak RSS MiB | peak above ready MiB | seft / this |",
@@ -220,6 +229,14 @@ def main() -> None:
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     torch.set_num_threads(args.threads)
+    from seft_ext._memory import cpu_cache_on, return_freed_memory
+
+    return_freed_memory()  # the driver's allocator settings, for every method
+    with cpu_cache_on():
+        run(args)
+
+
+def run(args) -> None:
     if args.one:
         print(json.dumps(one_method(args.one, args.sparsity[0], 3, args.gradient_checkpointing)))
         return
@@ -227,8 +244,7 @@ def main() -> None:
     res = {}
     for s in args.sparsity:
         res[s] = time_methods(s, args.reps, args.gradient_checkpointing, args.blocks, args.bf16) \
-            if not args.no_time else {"times": {m: [1.0] for m in METHODS}, "trainable": {m: 0 for m in METHODS},
-                                      "lora_rank": 0}
+            if not args.no_time else {}
         if args.memory:
             res[s]["memory"] = memory(s, args.gradient_checkpointing)
     text = report(res, args)

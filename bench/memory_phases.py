@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 
 def status(key: str) -> int:
@@ -86,4 +85,7 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from seft_ext._memory import cpu_cache_on
+
+    with cpu_cache_on():  # as the driver's run_job
+        main(sys.argv[1:])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,7 +30,6 @@ from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("decoder linears", "attention (sdpa, rotary, reshapes)", "norms", "MLP activation (silu x up)",

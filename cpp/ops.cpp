@@ -10,6 +10,7 @@
 
 #include "common/cuda_path.h"
 #include "common/structure_cache.h"
+#include "cpu/cpu_cache.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(seft, m) {
@@ -67,6 +68,10 @@ TORCH_LIBRARY(seft, m) {
   m.def("csr_check_nm(Tensor crow, Tensor col, int in_features, int n, int m) -> ()");
   // Which CPU kernel set runs ("avx512", "avx2" or "base"); pass one of them or "auto" to choose.
   m.def("cpu_isa(str choose=\"\") -> str", &seft::cpu::cpu_isa);
+  // The caching CPU allocator for blocks of 256 KiB and more (cpp/cpu/cpu_cache.cpp): enable -1
+  // keep / 0 off / 1 on, limit in bytes (-1 keep), empty frees what it holds; returns [enabled,
+  // limit, cached bytes, cached blocks, hits, misses, bytes in use, peak bytes in use].
+  m.def("cpu_cache(int enable=-1, int limit=-1, bool empty=False) -> int[]", &seft::cpu::cpu_cache);
   // Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens), or forced
   // "tensor_core" / "cuda_core"; "" reads the setting.
   m.def("cuda_path(str choose=\"\") -> str", &seft::cuda_path_op);

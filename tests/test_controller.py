@@ -215,6 +215,17 @@ def test_controller_rejects_bad_setup():
         c.load_state_dict(bad)
 
 
+def test_controller_names_a_missing_library(monkeypatch):
+    """A source tree that was never built: the error says the library is missing (and how to
+    install), not that the device lacks evolution kernels."""
+    from seft_ext import _lib
+
+    model = tiny_model()
+    monkeypatch.setattr(_lib, "load_error", "the compiled library seft_ext/_seft.so is missing from X")
+    with pytest.raises(RuntimeError, match="_seft.so is missing"):
+        SEFTController(model, None, SEFTConfig(), 10)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_every_moment_follows_its_position(amsgrad):
     """exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq of a kept position are exactly what they

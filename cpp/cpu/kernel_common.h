@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_cache.h"
+
 #include "common/checks.h"
 #include "cpu/isa.h"
 
@@ -105,14 +107,15 @@ inline void add_hsum4(double* g, v8d t0, v8d t1, v8d t2, v8d t3) {
   add_hsum4(g, fold(t0), fold(t1), fold(t2), fold(t3));
 }
 
-// Packed buffers are 64-byte aligned, so every TB-token row inside them is vector aligned.
+// Packed buffers are 64-byte aligned, so every TB-token row inside them is vector aligned; large
+// ones come from the caching CPU allocator when it is on (cpu_cache.h).
 template <typename T>
 struct AlignedAlloc {
   using value_type = T;
   AlignedAlloc() = default;
   template <typename U> AlignedAlloc(const AlignedAlloc<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  T* allocate(size_t n) { return static_cast<T*>(scratch_alloc(n * sizeof(T))); }
+  void deallocate(T* p, size_t) { scratch_free(p); }
   template <typename U> bool operator==(const AlignedAlloc<U>&) const { return true; }
   template <typename U> bool operator!=(const AlignedAlloc<U>&) const { return false; }
 };

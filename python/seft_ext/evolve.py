@@ -86,8 +86,9 @@ def _check_optimizer(optimizer, layers: dict) -> None:
 
 
 def _check_evolution_kernels(layers: dict) -> None:
-    from ._lib import has_kernels
+    from ._lib import has_kernels, require_library
 
+    require_library()  # a source tree that was never built: say so, not "no kernels"
     for n, m in layers.items():
         if not has_kernels("csr_grow_scan", m.theta.device):
             raise NotImplementedError(

@@ -45,6 +45,34 @@ def cpu_isa(choose: str = "") -> str:
     return torch.ops.seft.cpu_isa(choose)
 
 
+def cpu_cache(enable: Optional[bool] = None, *, limit_bytes: Optional[int] = None, empty: bool = False) -> dict:
+    """The caching CPU allocator for blocks of 256 KiB and more (process-wide; off by default).
+
+    On, freed CPU tensors of that size are kept and handed to later allocations of the same size
+    class (up to 1/8 larger), so a training loop whose steps allocate the same shapes reuses the
+    same pages instead of faulting in fresh ones. What it keeps is bounded twice: by
+    ``limit_bytes`` (4 GiB by default), and so that the bytes in use plus the bytes kept never
+    exceed the most ever in use at once since the last empty (the least recently freed blocks
+    go first): the cache does not raise the process's peak. ``enable=False`` frees what it
+    holds and passes allocations through to torch's allocator again; ``empty=True`` frees what
+    it holds and restarts the high-water mark (between phases whose shapes differ). Returns the
+    state: ``enabled``, ``limit_bytes``, ``cached_bytes``, ``cached_blocks``, ``hits``,
+    ``misses``, ``in_use_bytes``, ``peak_in_use_bytes``. ``seft run`` turns it on; see
+    docs/performance.md."""
+    _lib.require_library()
+    if enable is not None and not isinstance(enable, bool):
+        raise TypeError(f"cpu_cache: enable must be True, False or None, got {enable!r}")
+    if limit_bytes is not None and (isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int)
+                                    or limit_bytes < 0):
+        raise ValueError(f"cpu_cache: limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    r = torch.ops.seft.cpu_cache(-1 if enable is None else int(enable),
+                                 -1 if limit_bytes is None else limit_bytes, bool(empty))
+    state = dict(zip(("enabled", "limit_bytes", "cached_bytes", "cached_blocks", "hits", "misses", "in_use_bytes",
+                      "peak_in_use_bytes"), r))
+    state["enabled"] = bool(state["enabled"])
+    return state
+
+
 def cuda_path(choose: str = "") -> str:
     """Which CUDA kernels run: "auto" (tensor cores for bf16 / fp16 from 64 tokens, CUDA cores
     otherwise), or forced "tensor_core" / "cuda_core" (process-wide); "" reads the setting."""

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._memory import cpu_cache_on, new_phase
 from .config import SEFTConfig
 
 PATTERNS = {"unstructured": ("layer", (2, 4)), "row": ("row", (2, 4)), "2:4": ("nm", (2, 4)), "4:8": ("nm", (4, 8))}
@@ -105,14 +106,15 @@ def options(command: str = "run", **overrides):
 def run_job(a) -> dict:
     """Runs the phases of ``a.command`` (run, prune or train); returns the summary."""
     check_options(a)
-    job = prepare(a)
-    if job.resume is None:
-        prune(job)
-    if job.trains:
-        train(job)
-    finish(job)
-    if job.main_rank:
-        export(job)
+    with cpu_cache_on():  # a step's large tensors reuse the last step's pages (_memory)
+        job = prepare(a)
+        if job.resume is None:
+            prune(job)
+        if job.trains:
+            train(job)
+        finish(job)
+        if job.main_rank:
+            export(job)
     return job.summary
 
 
@@ -389,6 +391,7 @@ def prune(job: Job) -> None:
     """Evaluate the dense model, prune it (or take its own zeros), evaluate the pruned one."""
     from .prune_llm import existing_masks, prune_model
 
+    new_phase()
     a = job.opts
     job.summary = {"run_id": job.run_id, "model": a.model, "data": a.data, "method": a.method, "prune": a.prune,
                    "pattern": a.pattern, "budget": a.budget, "sparsity_target": a.sparsity, "steps": a.steps,
@@ -458,6 +461,7 @@ def train(job: Job) -> None:
     """Convert (unless resumed), then the training loop with evolution, logging and checkpoints."""
     from .training import TrainLoop
 
+    new_phase()
     TrainLoop(job).run()
 
 
@@ -467,6 +471,7 @@ def finish(job: Job) -> None:
     from .convert import model_sparsity
     from .lora import masked_sparsity
 
+    new_phase()
     pruned_only = not job.trains and "ppl_pruned" in job.summary  # nothing changed since
     if pruned_only:
         s = job.summary
@@ -499,6 +504,7 @@ def export(job: Job) -> None:
     failure leaves DIR as it was."""
     from . import run_folder
 
+    new_phase()
     aside = run_folder.aside_folder(job.out, job.run_id)
     try:
         if not job.opts.no_export:
