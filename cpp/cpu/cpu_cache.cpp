@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -31,60 +32,45 @@ constexpr size_t kGranule = size_t(64) << 10;    // size classes: multiples of 6
 class CachingCPUAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (!enabled() || n < kMinBytes) {  // not cached; the same deleter (raw_deallocate needs one)
-      void* p = c10::alloc_cpu(n);
-      return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
-    }
-    const size_t want = (n + kGranule - 1) / kGranule * kGranule;
-    auto [p, size] = take(want);
-    std::vector<void*> drop;
-    {
-      std::lock_guard<std::mutex> g(m_);
-      live_bytes_ += size;
-      hwm_ = std::max(hwm_, live_bytes_);
-      evict(drop);  // a miss: what is cached must fit under the high-water mark
-    }
-    for (void* q : drop) c10::free_cpu(q);
-    if (p == nullptr) {
-      try {
-        p = c10::alloc_cpu(want);  // outside the lock
-      } catch (...) {  // out of memory: not in use after all
-        std::lock_guard<std::mutex> g(m_);
-        live_bytes_ -= size;
-        throw;
-      }
-    }
-    std::lock_guard<std::mutex> g(m_);
-    live_[p] = size;
+    void* p = reserve(n);
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  // A block for a kernel's scratch buffer (no DataPtr): nullptr when the cache is off or the
-  // block is small (the caller uses operator new).
-  void* raw_take(size_t n) {
-    if (!enabled() || n < kMinBytes) return nullptr;
-    return allocate(n).release_context();
-  }
-
-  // Gives back a block from raw_take; false when p is not one of the cache's.
-  bool raw_give(void* p) {
+  // A block of at least n bytes, 64-byte aligned, to be given back through release(): from the
+  // cache when it is on and n is large, else from c10::alloc_cpu.
+  void* reserve(size_t n) {
+    const size_t want = (n + kGranule - 1) / kGranule * kGranule;
+    void* p = nullptr;
+    std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> g(m_);
-      if (live_.find(p) == live_.end()) return false;
+      if (!enabled_ || n < kMinBytes) return c10::alloc_cpu(n);  // not cached (one lock: fine)
+      size_t size = want;
+      std::tie(p, size) = take(want);
+      live_bytes_ += size;
+      hwm_ = std::max(hwm_, live_bytes_);
+      evict(drop);  // a miss: what is cached must fit under the high-water mark
+      if (p != nullptr) live_[p] = size;
     }
-    release(p);
-    return true;
+    for (void* q : drop) c10::free_cpu(q);
+    if (p != nullptr) return p;
+    try {
+      p = c10::alloc_cpu(want);  // outside the lock
+    } catch (...) {  // out of memory: not in use after all
+      std::lock_guard<std::mutex> g(m_);
+      live_bytes_ -= want;
+      throw;
+    }
+    std::lock_guard<std::mutex> g(m_);
+    live_[p] = want;
+    return p;
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  static void release_block(void* p) { release(p); }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
-  }
-
-  bool enabled() {
-    std::lock_guard<std::mutex> g(m_);
-    return enabled_;
   }
 
   // enable: -1 keep, 0 off (and empty), 1 on; limit: -1 keep (a lower one drops the least
@@ -119,8 +105,8 @@ class CachingCPUAllocator final : public c10::Allocator {
  private:
   // A cached block of at least `want` bytes and at most 1/8 more, and its size; or nullptr
   // and `want` (a miss).
+  // Called with m_ held.
   std::pair<void*, size_t> take(size_t want) {
-    std::lock_guard<std::mutex> g(m_);
     auto it = free_.lower_bound(want);
     if (it == free_.end() || it->first > want + want / 8) {
       ++misses_;
@@ -165,6 +151,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   static void release(void* p) {
+    if (p == nullptr) return;
     auto& a = get();
     std::vector<void*> drop;
     {
@@ -194,13 +181,12 @@ class CachingCPUAllocator final : public c10::Allocator {
 }  // namespace
 
 void* scratch_alloc(size_t bytes) {
-  if (void* p = CachingCPUAllocator::get().raw_take(bytes)) return p;
-  return ::operator new(bytes, std::align_val_t(64));
+  void* p = CachingCPUAllocator::get().reserve(bytes);
+  if (p == nullptr && bytes != 0) throw std::bad_alloc();
+  return p;
 }
 
-void scratch_free(void* p) {
-  if (p != nullptr && !CachingCPUAllocator::get().raw_give(p)) ::operator delete(p, std::align_val_t(64));
-}
+void scratch_free(void* p) { CachingCPUAllocator::release_block(p); }
 
 std::vector<int64_t> cpu_cache(int64_t enable, int64_t limit, bool empty) {
   TORCH_CHECK(enable >= -1 && enable <= 1, "cpu_cache: enable must be -1 (keep), 0 (off) or 1 (on), got ", enable);

@@ -11,7 +11,7 @@ namespace seft::cpu {
 std::vector<int64_t> cpu_cache(int64_t enable, int64_t limit, bool empty);
 
 // The kernels' scratch buffers (kernel_common.h's AlignedAlloc): 64-byte aligned, from the cache
-// when it is on and the buffer is large, else from operator new.
+// when it is on and the buffer is large, else from c10::alloc_cpu.
 void* scratch_alloc(size_t bytes);
 void scratch_free(void* p);
 }  // namespace seft::cpu
