@@ -218,6 +218,21 @@ def test_every_token_count(kernel, dtype, block):
         assert_matches(ops.bsr_sddmm(DY, X, W.crow, W.col, r, c), ref.sddmm(dy, x), dtype, f"sddmm T {T}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dname)
+@pytest.mark.parametrize("block", [(13, 7), (7, 13), (12, 2), (6, 9)], ids=_id)
+def test_row_tiles_of_every_width(kernel, dtype, block):
+    """Block sides of 6 to 13 rows: the CPU's 8-row tiles (one token vector) and their 4-row and
+    1-3-row remainders, in bsr_spmm (W's rows) and bsr_spmm_t (W's columns)."""
+    out, inn = 59, 61
+    w = random_bsr(out, inn, block, 0.5, dtype)
+    ref, W = DenseBSR(w), w.to(kernel)
+    for T in (1, 3, 8, 16, 17, 40):
+        x, dy = torch.randn(T, inn, dtype=dtype), torch.randn(T, out, dtype=dtype)
+        X, DY = _to(kernel, x, dy)
+        assert_matches(ops.bsr_spmm(X, W.crow, W.col, W.values, out), ref.spmm(x), dtype, f"spmm T {T}")
+        assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn), ref.spmm_t(dy), dtype, f"spmm_t T {T}")
+
+
 # Large enough for several reduction panels and token groups in the CPU's bsr_spmm / bsr_spmm_t and
 # several block-row runs in its bsr_sddmm, with empty block rows and a token count that is no
 # multiple of a block.

@@ -74,12 +74,18 @@ void with_small(int64_t n, F&& f) {
 }
 
 // Calls f(integral_constant<B>, b0) for consecutive chunks [b0, b0 + B) of [0, n): chunks of
-// Max, then one of the remainder (compile-time widths; a compile-time n folds the loop).
+// Max (4 or less, or 8), then the remainder in at most one chunk of 4 and one of 1-3
+// (compile-time widths; a compile-time n folds the loop).
 template <int Max, typename F>
 __attribute__((always_inline)) inline void for_chunks(int64_t n, F&& f) {
+  static_assert(Max <= 4 || Max == 8, "for_chunks: chunks of 1-4 or 8");
   int64_t b0 = 0;
   for (; b0 + Max <= n; b0 += Max) f(std::integral_constant<int, Max>{}, b0);
   if (b0 == n) return;
+  if constexpr (Max == 8) {
+    if (n - b0 >= 4) f(std::integral_constant<int, 4>{}, b0), b0 += 4;
+    if (b0 == n) return;
+  }
   if constexpr (Max > 1) {
     if (n - b0 == 1) return f(std::integral_constant<int, 1>{}, b0);
   }
@@ -219,7 +225,9 @@ void bsr_mm_rows(const BsrMM<A, V>& m, int64_t br0, int64_t br1) {
         for (int64_t tb = g0; tb < g1; ++tb) {
           const A* x = m.xt + tb * m.kp * TB;
           A* buf = m.buf ? m.buf + ((tb - g0) * rop + br * ro) * TB : nullptr;
-          for_chunks<4>(ro, [&](auto rb, int64_t i0) {
+          // One token vector: tiles of 8 rows keep 8 FMA chains in flight (4 leave the FMA
+          // units half idle on their latency); 2-3 vectors: 4 rows (8-12 chains).
+          for_chunks<NV == 1 ? 8 : 4>(ro, [&](auto rb, int64_t i0) {
             constexpr int RB = decltype(rb)::value;
             bsr_tile<A, V, RB, NV>(m, wp.data(), xo.data(), n, i0 * so, so, sk, k, x, buf ? buf + i0 * TB : nullptr,
                                    br * ro + i0, tb, first, last);
