@@ -5,7 +5,9 @@ and 16 tokens (fp32 by default): min / median / max milliseconds of the repeats 
 the ratio of the medians. Forward: bsr_spmm against F.linear; torch's BSR matmul
 (torch.sparse.mm on a torch.sparse_bsr weight) is timed where torch has a CPU kernel for it
 ("n/a" otherwise), with the ratio bsr_spmm / torch BSR. Forward + backward: bsr_spmm +
-bsr_spmm_t + bsr_sddmm (every block) against F.linear + dY W + dY^T X.
+bsr_spmm_t + bsr_sddmm (every block) against F.linear + dY W + dY^T X. Last, each weight's
+bytes with bf16 values over the dense bf16 weight's, stored and with the block-column index
+that bsr_spmm_t builds per call.
 
     python bench/bench_bsr.py                  # threads: torch's default
     python bench/bench_bsr.py --threads 2 --repeats 10
@@ -77,6 +79,15 @@ def torch_bsr(w: BSRWeight, x: torch.Tensor):
     return lambda: torch.sparse.mm(t, xt)
 
 
+def weight_bytes(w: BSRWeight) -> tuple[int, int]:
+    """Bytes of w with bf16 values (what BSRWeight.nbytes counts), and of the block-column index
+    bsr_spmm_t builds per call on the CPU (cpp/cpu/bsr_spmm_t_kernel.h: int32 offsets per block
+    column; per block an int16 block row, int32 beyond 32767 block rows, and an int32 slot)."""
+    nbr, nbc, nb = w.crow.numel() - 1, -(-w.shape[1] // w.values.shape[2]), w.nnz_blocks
+    index = 4 * (nbc + 1) + (2 if nbr <= 32767 else 4) * nb + 4 * nb
+    return w.to(dtype=torch.bfloat16).nbytes(), index
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -102,13 +113,14 @@ def main() -> None:
     print(f"{'shape':>10} {'block':>6} {'T':>4} | {'bsr_spmm':>27} | {'F.linear':>27} | {'ratio':>5} | "
           f"{'torch BSR':>27} | {'ratio':>5}")
     torch.manual_seed(0)
-    rows = []
+    rows, sizes = [], []
     for out, inn in shapes:
         for r, c in blocks:
             dense = torch.randn(out, inn)
             bmask = torch.rand(-(-out // r), -(-inn // c)) >= args.sparsity
             w = BSRWeight.from_dense(dense, (r, c), bmask, dtype=dtype)
             wd = w.to_dense()
+            sizes.append(((out, inn), (r, c), weight_bytes(w)))
             for T in tokens:
                 x = torch.randn(T, inn).to(dtype)
                 dy = torch.randn(T, out).to(dtype)
@@ -127,6 +139,11 @@ def main() -> None:
         print(f"{'shape':>10} {'block':>6} {'T':>4} | {'BSR fwd+bwd':>27} | {'dense fwd+bwd':>27} | {'ratio':>5}")
         for (out, inn), (r, c), T, (ts, td) in rows:
             print(f"{out:>4}x{inn:<5} {r:>2}x{c:<3} {T:>4} | {fmt(ts)} | {fmt(td)} | {med(ts) / med(td):5.2f}")
+    print("weight bytes with bf16 values over dense bf16: stored (values, block columns, block-row offsets) | "
+          "with bsr_spmm_t's block-column index (built per call)")
+    for (out, inn), (r, c), (stored, index) in sizes:
+        dense_bytes = 2 * out * inn
+        print(f"{out:>4}x{inn:<5} {r:>2}x{c:<3} | {stored / dense_bytes:6.3f} | {(stored + index) / dense_bytes:6.3f}")
     print(f"loadavg at the end {os.getloadavg()}")
 
 

@@ -1,7 +1,8 @@
 """One training step of SmolLM2-135M: SEFT against masked-dense and PEFT LoRA, same pruned model.
 
     python bench/bench_step.py [--sparsity 0.5 0.7] [--reps 5] [--threads 2] [--gradient-checkpointing]
-                               [--blocks 4x4 8x8 16x16] [--bf16] [--memory] [--out FILE.md]
+                               [--blocks 4x4 8x8 16x16] [--bf16] [--memory] [--allocator driver]
+                               [--out FILE.md]
 
 The default model, magnitude-pruned per row (the step's cost does not depend on which pruning
 chose the mask), trained on 4 x 256 tokens of the shipped text with the driver's loss and AdamW:
@@ -14,18 +15,22 @@ chose the mask), trained on 4 x 256 tokens of the shipped text with the driver's
 - with ``--blocks``, ``seft RxC``: SEFT on a model magnitude-pruned in whole R x C blocks to the
   same sparsity (SEFTBlockLinear: BSR kernels, the delta and evolution on whole blocks).
 
-Every method runs with the driver's allocator settings (``seft_ext._memory``: glibc's mmap
-threshold fixed, the caching CPU allocator on). Time: the three in one process, their steps
-interleaved, ``--reps`` steps each after a warm-up step; min / median / max seconds and of the
-ratios of same-round steps. The controller's evolution steps are included at their share
-(update interval 10, window 5: one scan pass and one decision every 10 steps; --reps 10 covers
-one interval). Memory (``--memory``): each method in a process of its own (``--one METHOD``):
-the RSS once the model is ready to train (loaded, pruned, converted; the cache emptied), then
-the peak RSS (VmHWM) over warm-up + 3 steps above it.
+Every method runs with the same allocator settings (``--allocator``): ``driver`` (the default:
+what ``seft run`` sets, ``seft_ext._memory``: glibc's mmap threshold fixed, the caching CPU
+allocator on); ``cache`` (glibc's malloc as it comes, ``ops.cpu_cache(True)``: a user's own
+training loop that follows docs/trainer.md); ``glibc`` (neither: a plain loop). Time: the
+three in one process, their steps interleaved, ``--reps`` steps each after a warm-up step;
+min / median / max seconds and of the ratios of same-round steps. The controller's evolution
+steps are included at their share (update interval 10, window 5: one scan pass and one
+decision every 10 steps; --reps 10 covers one interval). Memory (``--memory``): each method
+in a process of its own (``--one METHOD``): the RSS once the model is ready to train (loaded,
+pruned, converted; the cache emptied), then the peak RSS (VmHWM) over warm-up + 3 steps above
+it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -166,11 +171,11 @@ def one_method(method: str, sparsity: float, steps: int, ckpt: bool) -> dict:
             "above_mib": (status("VmHWM") - ready) / 2**20}
 
 
-def memory(sparsity: float, ckpt: bool) -> dict:
+def memory(sparsity: float, ckpt: bool, allocator: str) -> dict:
     out = {}
     for m in METHODS:
         cmd = [sys.executable, __file__, "--one", m, "--sparsity", str(sparsity), "--threads",
-               str(torch.get_num_threads())] + (["--gradient-checkpointing"] if ckpt else [])
+               str(torch.get_num_threads()), "--allocator", allocator] + (["--gradient-checkpointing"] if ckpt else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[m] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -197,7 +202,7 @@ def report(res: dict, args) -> str:
              f"Command: `python bench/bench_step.py {' '.join(args.argv)}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; gradient checkpointing "
-             f"{'on' if args.gradient_checkpointing else 'off'}; "
+             f"{'on' if args.gradient_checkpointing else 'off'}; allocator {args.allocator}; "
              f"load average before / after {args.load0} / {tuple(round(x, 2) for x in os.getloadavg())}; "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     for s, r in res.items():
@@ -224,16 +229,30 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also SEFT with the model in bf16 (the driver's --dtype bf16)")
     ap.add_argument("--memory", action="store_true", help="also peak memory, each method in its own process")
     ap.add_argument("--no-time", action="store_true", help="memory only")
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="driver",
+                    help="driver: seft run's settings; cache: ops.cpu_cache(True) only; glibc: neither")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     torch.set_num_threads(args.threads)
+    with allocator(args.allocator):
+        run(args)
+
+
+ALLOCATORS = {"driver": (True, True), "cache": (False, True), "glibc": (False, False)}
+
+
+@contextlib.contextmanager
+def allocator(name: str):
+    """The --allocator settings for the whole process: (glibc's mmap threshold fixed, cache on)."""
     from seft_ext._memory import cpu_cache_on, return_freed_memory
 
-    return_freed_memory()  # the driver's allocator settings, for every method
-    with cpu_cache_on():
-        run(args)
+    fixed, cache = ALLOCATORS[name]
+    if fixed:
+        return_freed_memory()
+    with cpu_cache_on() if cache else contextlib.nullcontext():
+        yield
 
 
 def run(args) -> None:
@@ -246,7 +265,7 @@ def run(args) -> None:
         res[s] = time_methods(s, args.reps, args.gradient_checkpointing, args.blocks, args.bf16) \
             if not args.no_time else {}
         if args.memory:
-            res[s]["memory"] = memory(s, args.gradient_checkpointing)
+            res[s]["memory"] = memory(s, args.gradient_checkpointing, args.allocator)
     text = report(res, args)
     print(text)
     if args.out:

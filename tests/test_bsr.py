@@ -180,6 +180,17 @@ def test_int32_block_columns_when_needed(device):
     assert BSRWeight.from_dense(torch.ones(2, inn), (2, 2)).col.dtype == torch.int16  # 16386 block columns
 
 
+def test_more_block_rows_than_int16(device):
+    """More than 32767 block rows: bsr_spmm_t's block-column index holds int32 block rows."""
+    out = 32768 + 5
+    dense = torch.zeros(out, 3, dtype=torch.float64)
+    dense[0, 2], dense[40, 0], dense[32770, 1], dense[-1, 0] = 2.0, 3.0, 5.0, 7.0
+    w = BSRWeight.from_dense(dense, (1, 1))
+    dy = torch.randn(4, out, dtype=torch.float64)
+    W, (DY,) = w.to(device), _to(device, dy)
+    assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, 3), dy @ dense, torch.float64)
+
+
 def test_results_independent_of_thread_count():
     """Every BSR op is bitwise the same whatever the thread count (fixed summation orders)."""
     n = torch.get_num_threads()

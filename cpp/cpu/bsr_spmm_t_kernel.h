@@ -9,10 +9,11 @@
 namespace seft::cpu::SEFT_ISA {
 namespace {
 
-// tptr[nbc + 1], trow / tslot[nblocks]: the blocks of each block column, by block row.
-template <typename I>
+// tptr[nbc + 1], trow / tslot[nblocks]: the blocks of each block column, by block row (trow in
+// int16 while the block rows fit: 6 bytes per block in all, 0.014x dense bf16 for 8x8 blocks at 70%).
+template <typename I, typename R>
 void bsr_column_index(const int32_t* crow, const I* col, int64_t nbr, int64_t nbc, std::vector<int32_t>& tptr,
-                      std::vector<int32_t>& trow, std::vector<int32_t>& tslot) {
+                      std::vector<R>& trow, std::vector<int32_t>& tslot) {
   const int64_t nb = crow[nbr];
   tptr.assign(size_t(nbc + 1), 0);
   trow.resize(size_t(nb));
@@ -23,7 +24,7 @@ void bsr_column_index(const int32_t* crow, const I* col, int64_t nbr, int64_t nb
   for (int64_t br = 0; br < nbr; ++br)
     for (int32_t p = crow[br]; p < crow[br + 1]; ++p) {
       const int32_t e = pos[size_t(col[p])]++;
-      trow[e] = int32_t(br);
+      trow[e] = R(br);
       tslot[e] = p;
     }
 }
@@ -35,11 +36,17 @@ at::Tensor bsr_spmm_t_typed(const at::Tensor& dy, const at::Tensor& crow, const 
   const int64_t nbr = crow.numel() - 1, nbc = (in + c - 1) / c;
   at::Tensor dx = at::empty({T, in}, dy.options());
   if (T == 0 || in == 0) return dx;
-  std::vector<int32_t> tptr, trow, tslot;
-  bsr_column_index<I>(crow.data_ptr<int32_t>(), col.data_ptr<I>(), nbr, nbc, tptr, trow, tslot);
+  std::vector<int32_t> tptr, trow32, tslot;
+  std::vector<int16_t> trow16;
   BsrMM<A, V> m{};
+  if (nbr <= INT16_MAX) {
+    bsr_column_index<I>(crow.data_ptr<int32_t>(), col.data_ptr<I>(), nbr, nbc, tptr, trow16, tslot);
+    m.idx16 = trow16.data();
+  } else {
+    bsr_column_index<I>(crow.data_ptr<int32_t>(), col.data_ptr<I>(), nbr, nbc, tptr, trow32, tslot);
+    m.idx32 = trow32.data();
+  }
   m.ptr = tptr.data();
-  m.idx32 = trow.data();
   m.slot = tslot.data();
   m.val = values.data_ptr<V>();
   m.nrows = nbc, m.r = r, m.c = c, m.tr = true;
