@@ -13,6 +13,7 @@ that bsr_spmm_t builds per call.
     python bench/bench_bsr.py --threads 2 --repeats 10
     python bench/bench_bsr.py --blocks 8x8 --tokens 512 --no-backward
     python bench/bench_bsr.py --isa avx2        # another CPU kernel set (default: the best one)
+    python bench/bench_bsr.py --tokens 16 --no-backward --repeats 11 --loop 300   # short calls
 """
 from __future__ import annotations
 
@@ -30,14 +31,18 @@ BLOCKS = [(4, 4), (8, 8), (16, 16)]
 TOKENS = [512, 16]
 
 
+LOOP = 1  # calls timed together per repeat (--loop), the time per call reported
+
+
 def times(fn, repeats: int) -> list[float]:
     fn()
     fn()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for _ in range(LOOP):
+            fn()
+        out.append((time.perf_counter() - t0) / LOOP)
     return sorted(out)
 
 
@@ -98,8 +103,11 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="e.g. 512,16")
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, e.g. 1536x576")
     ap.add_argument("--no-backward", action="store_true", help="time the forward only")
+    ap.add_argument("--loop", type=int, default=1, help="calls timed back to back per repeat (short calls: 100s)")
     ap.add_argument("--isa", default="auto", help="CPU kernel set (seft_ext.ops.cpu_isa): auto, avx512, avx2, base")
     args = ap.parse_args()
+    global LOOP
+    LOOP = max(1, args.loop)
     ops.cpu_isa(args.isa)
     blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -108,7 +116,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"threads {torch.get_num_threads()}, cpu_isa {ops.cpu_isa()}, dtype {args.dtype}, block sparsity "
-          f"{args.sparsity}, repeats {args.repeats}, loadavg {os.getloadavg()}")
+          f"{args.sparsity}, repeats {args.repeats} x {LOOP} calls, loadavg {os.getloadavg()}")
     print("times in ms: min / median / max")
     print(f"{'shape':>10} {'block':>6} {'T':>4} | {'bsr_spmm':>27} | {'F.linear':>27} | {'ratio':>5} | "
           f"{'torch BSR':>27} | {'ratio':>5}")
