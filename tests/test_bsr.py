@@ -244,6 +244,25 @@ def test_row_tiles_of_every_width(kernel, dtype, block):
         assert_matches(ops.bsr_spmm_t(DY, W.crow, W.col, W.values, inn), ref.spmm_t(dy), dtype, f"spmm_t T {T}")
 
 
+@pytest.mark.parametrize("T", [1, 16, 32, 33, 64])
+@pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16)], ids=_id)
+def test_sddmm_slots_are_rows_of_all_blocks(block, T):
+    """A block's gradient does not depend on the work list (few tokens: token-major path; more:
+    the lane path): slots give bitwise the rows of the all-blocks result, at 1 and 2 threads."""
+    r, c = block
+    w = random_bsr(70, 90, block, 0.4, torch.float32)
+    x, dy = torch.randn(T, 90), torch.randn(T, 70)
+    slots = torch.nonzero(torch.rand(w.nnz_blocks) < 0.5).flatten()
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full = ops.bsr_sddmm(dy, x, w.crow, w.col, r, c)
+            assert torch.equal(ops.bsr_sddmm(dy, x, w.crow, w.col, r, c, slots), full[slots])
+            assert_matches(full, DenseBSR(w).sddmm(dy, x), torch.float32, f"T {T}")
+    finally:
+        torch.set_num_threads(n)
+
 # Large enough for several reduction panels and token groups in the CPU's bsr_spmm / bsr_spmm_t and
 # several block-row runs in its bsr_sddmm, with empty block rows and a token count that is no
 # multiple of a block.

@@ -3,8 +3,11 @@
 // dtype: per block a small dense product with the tokens as the reduction. dY and X are packed
 // feature-major ([features][Tp], tokens zero padded to whole vectors); a tile of NI x NJ
 // entries keeps one vector of token lanes per entry in registers (each loaded vector feeds NJ or
-// NI FMAs), then sums the lanes in a fixed order. Parallel over blocks, each summed by one
-// thread in one order (deterministic).
+// NI FMAs), then sums the lanes in a fixed order. At few tokens (at most two vectors) the
+// lane sums would cost more than the products: dY and X are packed token-major instead
+// ([T][features], zero padded in features) and a block's r x c entries are accumulated token by
+// token with its columns in the vector lanes (4x4, 8x8, 16x16 blocks). Parallel over blocks,
+// each summed by one thread in one order (deterministic).
 // Padding rows / columns read zeros: their entries are 0.
 #pragma once
 #include <utility>
@@ -52,12 +55,40 @@ void bsr_sddmm_block(const A* dyb, const A* xb, int64_t Tp, int64_t rr, int64_t 
   });
 }
 
+// One R x C block at few tokens: dyb / xb = the block's first row / column in token-major packed
+// dY / X (row strides ldy / ldx); g[i][j] = sum over t in order of dyb[t][i] * xb[t][j].
+template <typename A, int R, int C>
+void bsr_sddmm_block_few(const A* dyb, const A* xb, int64_t T, int64_t ldy, int64_t ldx, A* g) {
+  A acc[R][C] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const A* d = dyb + t * ldy;
+    const A* xr = xb + t * ldx;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const A a = d[i];
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j) acc[i][j] += a * xr[j];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) g[i * C + j] = acc[i][j];
+}
+
 // Blocks [s0, s1) of the work list (block slot[s], or s without slots) in runs of `rows` block
 // rows, each run in block-column order: a column's packed X serves the run's blocks in that
 // column while the run's packed dY stays in L2. Each block's sum is independent of the order.
-template <typename A, typename I, int R_, int C_>
+// FEW: dyt / xt token-major ([T][outp] / [T][inp]; Tp is then T) for bsr_sddmm_block_few.
+template <typename A, typename I, int R_, int C_, bool FEW>
 void bsr_sddmm_range(const A* dyt, const A* xt, int64_t Tp, int64_t r, int64_t c, const int32_t* row_of, const I* col,
-                     const int64_t* slot, int64_t rows, int64_t s0, int64_t s1, A* g) {
+                     const int64_t* slot, int64_t rows, int64_t s0, int64_t s1, A* g, int64_t ldy = 0,
+                     int64_t ldx = 0) {
+  if constexpr (FEW) {  // a few token rows of dY and X stay in cache: blocks in storage order
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t p = slot ? slot[s] : s;
+      bsr_sddmm_block_few<A, R_, C_>(dyt + row_of[p] * r, xt + int64_t(col[p]) * c, Tp, ldy, ldx, g + s * r * c);
+    }
+    return;
+  }
   std::vector<std::pair<int64_t, int64_t>> run;  // (block column, s)
   for (int64_t s = s0; s < s1;) {
     const int64_t br0 = row_of[slot ? slot[s] : s];
@@ -75,6 +106,17 @@ void bsr_sddmm_range(const A* dyt, const A* xt, int64_t Tp, int64_t r, int64_t c
   }
 }
 
+// dst[t * np + j] = src[t * n + j] as A, 0 for n <= j < np (rows in parallel).
+template <typename A, typename V>
+void pack_token_major(const V* src, int64_t T, int64_t n, int64_t np, A* dst) {
+  at::parallel_for(0, T, bsr_grain(T, T * np), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < n; ++j) dst[t * np + j] = static_cast<A>(src[t * n + j]);
+      std::fill(dst + t * np + n, dst + (t + 1) * np, A(0));
+    }
+  });
+}
+
 template <typename A, typename V, typename I>
 at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                            int64_t r, int64_t c, const at::Tensor& slots) {
@@ -87,9 +129,15 @@ at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::
   if (T == 0 || n == 0) return g;
   constexpr int W = VecOf<A>::W;
   const int64_t Tp = (T + W - 1) / W * W;
+  const bool few = T <= 2 * W && r == c && (r == 4 || r == 8 || r == 16);
   avec<A> dyt(size_t(outp * Tp)), xt(size_t(inp * Tp));
-  bsr_pack<A, V>(dy.data_ptr<V>(), T, out, outp, Tp, dyt.data());
-  bsr_pack<A, V>(x.data_ptr<V>(), T, in, inp, Tp, xt.data());
+  if (few) {
+    pack_token_major<A, V>(dy.data_ptr<V>(), T, out, outp, dyt.data());
+    pack_token_major<A, V>(x.data_ptr<V>(), T, in, inp, xt.data());
+  } else {
+    bsr_pack<A, V>(dy.data_ptr<V>(), T, out, outp, Tp, dyt.data());
+    bsr_pack<A, V>(x.data_ptr<V>(), T, in, inp, Tp, xt.data());
+  }
   const int32_t* cr = crow.data_ptr<int32_t>();
   const I* cl = col.data_ptr<I>();
   const int64_t* sl = all ? nullptr : slots.data_ptr<int64_t>();
@@ -101,7 +149,14 @@ at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::
   with_block(r, c, [&](auto rc, auto cc) {
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
     at::parallel_for(0, n, bsr_grain(n, n * r * c * T, 16), [&](int64_t s0, int64_t s1) {
-      bsr_sddmm_range<A, I, R, C>(dyt.data(), xt.data(), Tp, r, c, row_of.data(), cl, sl, rows, s0, s1, gp);
+      if constexpr (R > 0) {
+        if (few) {
+          bsr_sddmm_range<A, I, R, C, true>(dyt.data(), xt.data(), T, r, c, row_of.data(), cl, sl, rows, s0, s1, gp,
+                                            outp, inp);
+          return;
+        }
+      }
+      bsr_sddmm_range<A, I, R, C, false>(dyt.data(), xt.data(), Tp, r, c, row_of.data(), cl, sl, rows, s0, s1, gp);
     });
   });
   return g;
