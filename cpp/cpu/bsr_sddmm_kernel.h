@@ -77,18 +77,9 @@ void bsr_sddmm_block_few(const A* dyb, const A* xb, int64_t T, int64_t ldy, int6
 // Blocks [s0, s1) of the work list (block slot[s], or s without slots) in runs of `rows` block
 // rows, each run in block-column order: a column's packed X serves the run's blocks in that
 // column while the run's packed dY stays in L2. Each block's sum is independent of the order.
-// FEW: dyt / xt token-major ([T][outp] / [T][inp]; Tp is then T) for bsr_sddmm_block_few.
-template <typename A, typename I, int R_, int C_, bool FEW>
+template <typename A, typename I, int R_, int C_>
 void bsr_sddmm_range(const A* dyt, const A* xt, int64_t Tp, int64_t r, int64_t c, const int32_t* row_of, const I* col,
-                     const int64_t* slot, int64_t rows, int64_t s0, int64_t s1, A* g, int64_t ldy = 0,
-                     int64_t ldx = 0) {
-  if constexpr (FEW) {  // a few token rows of dY and X stay in cache: blocks in storage order
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t p = slot ? slot[s] : s;
-      bsr_sddmm_block_few<A, R_, C_>(dyt + row_of[p] * r, xt + int64_t(col[p]) * c, Tp, ldy, ldx, g + s * r * c);
-    }
-    return;
-  }
+                     const int64_t* slot, int64_t rows, int64_t s0, int64_t s1, A* g) {
   std::vector<std::pair<int64_t, int64_t>> run;  // (block column, s)
   for (int64_t s = s0; s < s1;) {
     const int64_t br0 = row_of[slot ? slot[s] : s];
@@ -103,6 +94,17 @@ void bsr_sddmm_range(const A* dyt, const A* xt, int64_t Tp, int64_t r, int64_t c
       const int64_t p = slot ? slot[t] : t;
       bsr_sddmm_block<A, R_, C_>(dyt + row_of[p] * r * Tp, xt + bc * c * Tp, Tp, r, c, g + t * r * c);
     }
+  }
+}
+
+// The same at few tokens: dyt / xt token-major ([T][outp] / [T][inp]), whose few rows stay in
+// cache, so the blocks go in storage order.
+template <typename A, typename I, int R, int C>
+void bsr_sddmm_range_few(const A* dyt, const A* xt, int64_t T, int64_t outp, int64_t inp, const int32_t* row_of,
+                         const I* col, const int64_t* slot, int64_t s0, int64_t s1, A* g) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t p = slot ? slot[s] : s;
+    bsr_sddmm_block_few<A, R, C>(dyt + row_of[p] * R, xt + int64_t(col[p]) * C, T, outp, inp, g + s * R * C);
   }
 }
 
@@ -150,13 +152,11 @@ at::Tensor bsr_sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::
     constexpr int R = decltype(rc)::value, C = decltype(cc)::value;
     at::parallel_for(0, n, bsr_grain(n, n * r * c * T, 16), [&](int64_t s0, int64_t s1) {
       if constexpr (R > 0) {
-        if (few) {
-          bsr_sddmm_range<A, I, R, C, true>(dyt.data(), xt.data(), T, r, c, row_of.data(), cl, sl, rows, s0, s1, gp,
-                                            outp, inp);
-          return;
-        }
+        if (few)
+          return bsr_sddmm_range_few<A, I, R, C>(dyt.data(), xt.data(), T, outp, inp, row_of.data(), cl, sl, s0, s1,
+                                                 gp);
       }
-      bsr_sddmm_range<A, I, R, C, false>(dyt.data(), xt.data(), Tp, r, c, row_of.data(), cl, sl, rows, s0, s1, gp);
+      bsr_sddmm_range<A, I, R, C>(dyt.data(), xt.data(), Tp, r, c, row_of.data(), cl, sl, rows, s0, s1, gp);
     });
   });
   return g;
