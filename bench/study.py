@@ -87,14 +87,19 @@ class Study:
         return [*SETTINGS[a.setting], "--task-items", str(a.task_items), "--eval-windows", str(a.eval_windows),
                 "--val-items", str(VAL[a.setting]), "--threads", str(a.threads), "--no-progress"]
 
-    def sparsity(self, s: str) -> list[dict]:
-        """The pruned model, the sweep on the first seed, then the other seeds at the chosen rates."""
+    def pruned(self, s: str) -> tuple[str, dict]:
+        """The sparsity's tag and its pruned model's run (pruned once, Wanda, calibration seed 0):
+        the dense and pruned models' metrics."""
         tag = s.replace(":", "of") if ":" in s else f"s{round(float(s) * 100)}"
         self.pattern = ["--pattern", s] if ":" in s else []
         self.prune_args = ["prune", *(self.pattern or ["--sparsity", s]), "--seed", "0"]
         self.pruned_name = f"{self.a.setting}_{tag}_pruned"
         before = self.run(self.prune_args, self.pruned_name)
-        before = {f"{k}_{stage}": before.get(f"{k}_{stage}") for k, _, _ in COLUMNS for stage in ("dense", "pruned")}
+        return tag, {f"{k}_{stage}": before.get(f"{k}_{stage}") for k, _, _ in COLUMNS for stage in ("dense", "pruned")}
+
+    def sparsity(self, s: str) -> list[dict]:
+        """The pruned model, the sweep on the first seed, then the other seeds at the chosen rates."""
+        tag, before = self.pruned(s)
         rows, chosen = [], {}
         first, rest = self.a.seeds[0], self.a.seeds[1:]
         for m in self.a.methods:
@@ -116,14 +121,20 @@ class Study:
         acc = r.get("acc_val_final") if self.a.setting == "task" else None
         return (-(acc or 0.0), r.get("val_loss_final") or float("inf"))
 
-    def train(self, tag: str, method: str, lr: float, seed: int) -> dict:
-        name = f"{self.a.setting}_{tag}_{method}_lr{lr:g}_seed{seed}"
-        if not (self.keep / name / "summary.json").is_file() and not self.a.report_only:
+    def train(self, tag: str, method: str, lr: float, seed: int, variant: str = "", extra: tuple = ()) -> dict:
+        """One `seft train` of the pruned model; a variant (an ablation) adds its options to the run
+        and its name to the run's folder."""
+        name = f"{self.a.setting}_{tag}_{method}_lr{lr:g}_seed{seed}" + (f"_{variant}" if variant else "")
+        if not self.kept(name) and not self.a.report_only:
             self.ensure_pruned()
         args = ["train", "--model", str(self.out / self.pruned_name / "dense"), "--method", method, "--lr", f"{lr:g}",
                 "--steps", str(self.a.steps), "--seed", str(seed), "--log-every", "5", "--no-eval-before",
-                "--no-export", *self.pattern]
+                "--no-export", *self.pattern, *extra]
         return self.run(args, name)
+
+    def kept(self, name: str) -> bool:
+        """Whether the run NAME is kept (done before)."""
+        return (self.keep / name / "summary.json").is_file()
 
     def ensure_pruned(self) -> None:
         """The pruned model's folder, made again when only its kept summary is here."""
@@ -185,6 +196,8 @@ def _mean_std(vals: list, pct=False) -> str:
     if len(vals) == 1:
         return _fmt(vals[0], pct)
     mu, sd = statistics.mean(vals), statistics.stdev(vals)
+    if all(isinstance(v, int) for v in vals):  # counts
+        return f"{mu:.0f} +- {sd:.0f}"
     if pct:
         return f"{mu:.1%} +- {sd:.1%}"
     return f"{mu:.0f} +- {sd:.0f}" if abs(mu) >= 1000 else f"{mu:.2f} +- {sd:.2f}"

@@ -91,8 +91,12 @@ def test_multiple_choice_scores_equal_unpadded_full_logits_fp64():
         right += int(scores.index(max(scores)) == it["answer"])
     got = torch.cat([D._option_scores(model, tok, it) for it in items])
     torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=1e-9)
+    together = torch.cat(D._items_option_scores(model, tok, items))  # items of different lengths in one batch
+    torch.testing.assert_close(together, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=1e-9)
     acc = D.multiple_choice_accuracy(model, tok, items)
     assert acc == pytest.approx(right / len(items))
+    for per_batch in (1, 3):
+        assert D.multiple_choice_accuracy(model, tok, items, items_per_batch=per_batch) == acc
     flipped = [dict(it, answer=(it["answer"] + 1) % len(it["options"])) for it in items]
     assert D.multiple_choice_accuracy(model, tok, flipped) != acc or acc == 0
 

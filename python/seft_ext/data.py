@@ -395,30 +395,48 @@ def mc_prompt(item: dict) -> str:
 
 
 @torch.no_grad()
-def multiple_choice_accuracy(model, tokenizer, items: list[dict], limit: Optional[int] = None) -> float:
+def multiple_choice_accuracy(model, tokenizer, items: list[dict], limit: Optional[int] = None,
+                             items_per_batch: int = 8) -> float:
     """Fraction of items whose answer gets the highest summed log-likelihood of
-    ``option + '"'`` after the prompt (first option on ties)."""
+    ``option + '"'`` after the prompt (first option on ties); the options of ``items_per_batch``
+    items share one forward."""
     model.eval()
     items = items[:limit] if limit else items
-    correct = sum(int(int(_option_scores(model, tokenizer, it).argmax()) == it["answer"]) for it in items)
+    correct = 0
+    for i in range(0, len(items), items_per_batch):
+        chunk = items[i:i + items_per_batch]
+        scores = _items_option_scores(model, tokenizer, chunk)
+        correct += sum(int(int(sc.argmax()) == it["answer"]) for sc, it in zip(scores, chunk))
     return correct / max(1, len(items))
 
 
 def _option_scores(model, tokenizer, item: dict) -> Tensor:
-    """The summed log-likelihood of each option of ``item`` after its prompt (the options in one
-    right-padded batch: causal attention keeps the padding out of every scored position)."""
+    """The summed log-likelihood of each option of ``item`` after its prompt."""
+    return _items_option_scores(model, tokenizer, [item])[0]
+
+
+def _items_option_scores(model, tokenizer, items: list[dict]) -> list[Tensor]:
+    """Each item's option scores (summed log-likelihood of each option after the item's prompt).
+    Every option of every item is one row of a right-padded batch: causal attention keeps the
+    padding out of every scored position."""
     dev = next(model.parameters()).device
-    prompt = tokenizer(mc_prompt(item), add_special_tokens=False)["input_ids"]
-    seqs = [prompt + tokenizer(opt + '"', add_special_tokens=False)["input_ids"] for opt in item["options"]]
+    seqs, starts, owner = [], [], []  # token ids, where the option starts, the item of each row
+    for n, item in enumerate(items):
+        prompt = tokenizer(mc_prompt(item), add_special_tokens=False)["input_ids"]
+        for opt in item["options"]:
+            seqs.append(prompt + tokenizer(opt + '"', add_special_tokens=False)["input_ids"])
+            starts.append(len(prompt))
+            owner.append(n)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(t) for t in seqs)
     ids = torch.tensor([t + [pad] * (width - len(t)) for t in seqs], device=dev)
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-    rows = torch.tensor([i for i, t in enumerate(seqs) for _ in range(len(prompt), len(t))], device=dev)
-    pos = torch.tensor([j for t in seqs for j in range(len(prompt) - 1, len(t) - 1)], device=dev)
-    targets = torch.tensor([tok for t in seqs for tok in t[len(prompt):]], device=dev)
+    rows = torch.tensor([i for i, (t, s) in enumerate(zip(seqs, starts)) for _ in range(s, len(t))], device=dev)
+    pos = torch.tensor([j for t, s in zip(seqs, starts) for j in range(s - 1, len(t) - 1)], device=dev)
+    targets = torch.tensor([tok for t, s in zip(seqs, starts) for tok in t[s:]], device=dev)
     # the vocabulary projection only where an option token is predicted
     logits = model.get_output_embeddings()(hidden[rows, pos])
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     token_lp = logp[torch.arange(len(rows), device=dev), targets]
-    return torch.zeros(len(seqs), dtype=logp.dtype, device=dev).index_add_(0, rows, token_lp).cpu()
+    scores = torch.zeros(len(seqs), dtype=logp.dtype, device=dev).index_add_(0, rows, token_lp).cpu()
+    return list(scores.split([len(it["options"]) for it in items]))
