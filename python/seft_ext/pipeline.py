@@ -404,6 +404,7 @@ def prune(job: Job) -> None:
     if a.prune == "existing":  # the model as given is the pruned one: evaluated once, for both stages
         job.masks = existing_masks(job.model)
         _check_existing_blocks(job.masks, a.pattern)
+        _complete_existing_nm(job.masks, a.pattern)
         job.summary["sparsity_target"] = _existing_sparsity(job)
         if evaluate_now:
             job.say("evaluating the pruned model")
@@ -440,6 +441,23 @@ def _check_existing_blocks(masks: dict, pattern: str) -> None:
             raise UsageError(f"--prune existing --pattern {pattern}: the zeros of {name} are not constant on "
                              f"{block[0]}x{block[1]} blocks ({e}); prune the model with --pattern {pattern} first "
                              "(seft prune), or give --prune wanda | sparsegpt | magnitude") from None
+
+
+def _complete_existing_nm(masks: dict, pattern: str) -> None:
+    """--prune existing with N:M: a group whose kept weights include exact zeros gets positions
+    back up to N (stored zeros); a group with more than N non-zeros is refused."""
+    from .prune_llm import complete_nm
+
+    kind, (n, m), _ = pattern_spec(pattern)
+    if kind != "nm":
+        return
+    for name, mask in masks.items():
+        try:
+            masks[name] = complete_nm(mask, n, m)
+        except ValueError as e:
+            raise UsageError(f"--prune existing --pattern {pattern}: the zeros of {name} are not {n}:{m} ({e}); "
+                             f"prune the model with --pattern {pattern} first (seft prune), or give --prune "
+                             "wanda | sparsegpt | magnitude") from None
 
 
 def _existing_sparsity(job: Job) -> float:

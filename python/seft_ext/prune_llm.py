@@ -163,6 +163,22 @@ def prune_model(model: nn.Module, method: str, sparsity: float, budget: str = "r
     return masks
 
 
+def complete_nm(mask: Tensor, n: int, m: int) -> Tensor:
+    """An existing N:M mask with exactly ``n`` kept positions per group of ``m`` inputs: a group
+    with fewer non-zeros (a kept weight that is exactly 0, as a quantized model has) gets its
+    first zeros back as kept (stored zeros). Raises ValueError on a group with more than ``n``."""
+    out, inp = mask.shape
+    if inp % m:
+        raise ValueError(f"{m} does not divide in_features = {inp}")
+    groups = mask.reshape(out, inp // m, m)
+    count = groups.sum(-1, keepdim=True)
+    if bool((count > n).any()):
+        row, g = (count[..., 0] > n).nonzero()[0].tolist()
+        raise ValueError(f"row {row}, group {g} has {int(count[row, g, 0])} non-zeros, more than {n}")
+    zero_rank = (~groups).cumsum(-1)  # 1, 2, ... over each group's zeros
+    return (groups | (~groups & (zero_rank <= n - count))).reshape(out, inp)
+
+
 def existing_masks(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, Tensor]:
     """The non-zeros of every nn.Linear inside the decoder layers, as keep masks (for a model
     pruned before and saved densely)."""
